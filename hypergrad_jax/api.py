@@ -1,0 +1,140 @@
+"""The two entry points: :func:`solve` and :func:`hypergradient`."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hypergrad_jax.linalg import SolveInfo
+from hypergrad_jax.problem import (
+    BilevelProblem,
+    InnerRun,
+    inner_residual,
+    optimality_batch,
+    validate,
+)
+
+PyTree = Any
+
+
+class Status(enum.IntEnum):
+    """Outcome codes carried in :class:`Info` (``int32``): failure is a value by default."""
+
+    OK = 0
+    NONFINITE = 1  # the hypergradient or the outer loss has a NaN/inf
+    SOLVE_NOT_CONVERGED = 2  # the linear solve stopped at maxiter above its tolerance
+
+
+class Info(NamedTuple):
+    outer_value: jax.Array  # float[]: f(θ_T, λ)
+    inner_residual: jax.Array  # float32[]: ||∇_θ g(θ_T, λ)|| on the optimality batch
+    status: jax.Array  # int32[]: a Status
+    solve: SolveInfo | None  # the linear solve (Implicit only)
+    adjoint: PyTree | None  # v = (H + ridge I)⁻¹ ∂_θ f (Implicit only): a warm start
+
+
+class HypergradientError(RuntimeError):
+    """Raised by :func:`raise_if_failed` (or ``throw=True``) for a non-OK status."""
+
+
+def _check_estimator(estimator) -> None:
+    if not (hasattr(estimator, "grad") and hasattr(estimator, "solution")):
+        raise TypeError(
+            "estimator: expected an estimator value such as hg.Unrolled(), hg.Forward(), "
+            f"hg.Implicit() or hg.Greedy(); got {estimator!r}"
+        )
+
+
+def solve(
+    problem: BilevelProblem,
+    run: InnerRun,
+    estimator,
+    hparams: PyTree,
+    params0: PyTree | Callable,
+    inner_data: PyTree | Callable,
+    *,
+    key: jax.Array | None = None,
+) -> PyTree:
+    """The end point ``θ_T(λ)`` of the inner run, differentiable by ``estimator``'s rule.
+
+    Compose it with any transform: ``jax.grad(lambda h: f(solve(..., h, ...), h))``,
+    ``jax.jvp``, ``jax.hessian``, ``jax.vmap``.
+
+    Args:
+      problem, run: the bilevel problem and the inner run.
+      estimator: ``Unrolled``, ``Forward`` (same solution as ``Unrolled``), ``Implicit``,
+        ``Greedy``.
+      hparams: pytree of float hyperparameters.
+      params0: initial params, or ``hparams -> params`` when the initialisation is learned.
+      inner_data: a batch, or a jittable sampler ``(key, step) -> batch``.
+      key: PRNG key, required with a sampler.
+    """
+    _check_estimator(estimator)
+    validate(problem, run, hparams, params0, inner_data, key)
+    return estimator.solution(problem, run, hparams, params0, inner_data, key)
+
+
+def hypergradient(
+    problem: BilevelProblem,
+    run: InnerRun,
+    estimator,
+    hparams: PyTree,
+    params0: PyTree | Callable,
+    inner_data: PyTree | Callable,
+    outer_data: PyTree,
+    *,
+    key: jax.Array | None = None,
+    warm_start: PyTree | None = None,
+    throw: bool = False,
+) -> tuple[PyTree, Info]:
+    """``dF/dλ`` for ``F(λ) = f(θ_T(λ), λ; outer_data)``, computed by ``estimator``.
+
+    Jit it with the problem, run and estimator closed over or static; hyperparameter
+    values are traced, so new values never recompile. ``vmap`` over ``hparams`` or
+    ``key`` gives a batch of hypergradients, and the result is itself differentiable
+    (second order) for ``Unrolled``, ``Forward`` and ``Implicit``.
+
+    Args:
+      outer_data: the batch the outer loss is evaluated on.
+      warm_start: initial guess for ``Implicit``'s linear solve (e.g. the previous
+        ``info.adjoint``); ignored by the others.
+      throw: raise :class:`HypergradientError` when the status is not OK (also under
+        ``jit``, through a host callback). Default: report it in ``info.status``.
+      (other arguments as in :func:`solve`)
+
+    Returns:
+      ``(grad, info)``: ``grad`` has the structure of ``hparams``; ``info`` is an
+      :class:`Info`.
+    """
+    _check_estimator(estimator)
+    validate(problem, run, hparams, params0, inner_data, key, outer_data)
+    g, value, theta, solve_info, adjoint = estimator.grad(
+        problem, run, hparams, params0, inner_data, outer_data, key, warm_start
+    )
+    residual = jax.lax.stop_gradient(
+        inner_residual(problem, theta, hparams, optimality_batch(run, inner_data, key))
+    )
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((g, value))]))
+    status = jnp.where(finite, Status.OK, Status.NONFINITE)
+    if solve_info is not None:
+        status = jnp.where(
+            (status == Status.OK) & ~solve_info.converged, Status.SOLVE_NOT_CONVERGED, status
+        )
+    info = Info(value, residual, status.astype(jnp.int32), solve_info, adjoint)
+    if throw:
+        jax.debug.callback(_raise_for_status, info.status)
+    return g, info
+
+
+def _raise_for_status(status) -> None:
+    status = Status(int(status))
+    if status != Status.OK:
+        raise HypergradientError(f"hypergradient failed with status {status.name}")
+
+
+def raise_if_failed(info: Info) -> None:
+    """Raises :class:`HypergradientError` if ``info.status`` is not OK (outside ``jit``)."""
+    _raise_for_status(info.status)

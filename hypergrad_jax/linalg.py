@@ -1,0 +1,160 @@
+"""Matrix-free linear algebra on pytrees: HVPs and solvers for ``(H + ridge I) x = b``.
+
+Every solver is a value (a NamedTuple of options) called as
+``solver(matvec, b, x0=None) -> (x, SolveInfo)``. ``matvec`` must be linear and, for
+``CG`` and ``Neumann``, symmetric positive (semi-)definite; ``ridge`` adds ``ridge * x`` to
+it. Solvers are not differentiated through: the implicit estimator wraps them in
+``lax.custom_linear_solve``, which differentiates the *solution* instead of the iterations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+
+
+class SolveInfo(NamedTuple):
+    residual: jax.Array  # float[]: ||A x - b|| / ||b|| (0 when b = 0)
+    iterations: jax.Array  # int32[]: matvecs used (dense solvers: the dimension)
+    converged: jax.Array  # bool[]: residual <= tol (dense and Neumann: always True)
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y``, keeping each leaf's dtype."""
+    return jax.tree.map(lambda u, v: (alpha * u + v).astype(v.dtype), x, y)
+
+
+def tree_norm(a: PyTree) -> jax.Array:
+    return jnp.sqrt(tree_vdot(a, a).real)
+
+
+def hvp(fun: Callable, params: PyTree, v: PyTree, *args) -> PyTree:
+    """Hessian-vector product of ``fun(params, *args)`` in ``params``, forward-over-reverse."""
+    return jax.jvp(lambda p: jax.grad(fun)(p, *args), (params,), (v,))[1]
+
+
+def damped(matvec: Callable, ridge: float) -> Callable:
+    """``v -> matvec(v) + ridge * v``."""
+    if ridge == 0:
+        return matvec
+    return lambda v: tree_axpy(ridge, v, matvec(v))
+
+
+def _relative_residual(matvec, x, b):
+    r = tree_axpy(-1.0, matvec(x), b)
+    nb = tree_norm(b)
+    return jnp.where(nb > 0, tree_norm(r) / jnp.where(nb > 0, nb, 1.0), tree_norm(r))
+
+
+def _call(self, matvec, b, x0=None):
+    """Solves ``(matvec + ridge I) x = b``; returns ``(x, SolveInfo)``."""
+    return self.run(damped(matvec, self.ridge), b, x0)
+
+
+class CG(NamedTuple):
+    """Conjugate gradient for symmetric positive definite ``H + ridge I``.
+
+    The default for implicit differentiation: it needs only HVPs and converges in
+    ``O(sqrt(cond))`` iterations. Stops when ``||r|| <= tol * ||b||`` or after ``maxiter``.
+    """
+
+    maxiter: int = 100
+    tol: float = 1e-10
+    ridge: float = 0.0
+
+    __call__ = _call
+
+    def run(self, matvec, b, x0=None):
+        """Solves ``matvec(x) = b`` (``matvec`` already damped)."""
+        x = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
+        r = tree_axpy(-1.0, matvec(x), b)
+        bound = (self.tol * tree_norm(b)) ** 2
+
+        def cond(c):
+            _, r, _, rr, k = c
+            return (rr > bound) & (k < self.maxiter)
+
+        def body(c):
+            x, r, p, rr, k = c
+            ap = matvec(p)
+            alpha = rr / tree_vdot(p, ap)
+            x = tree_axpy(alpha, p, x)
+            r = tree_axpy(-alpha, ap, r)
+            rr_new = tree_vdot(r, r)
+            p = tree_axpy(rr_new / rr, p, r)
+            return x, r, p, rr_new, k + 1
+
+        rr = tree_vdot(r, r)
+        x, r, _, rr, k = jax.lax.while_loop(cond, body, (x, r, r, rr, jnp.int32(0)))
+        res = _relative_residual(matvec, x, b)
+        return x, SolveInfo(res, k, rr <= bound)
+
+
+class Neumann(NamedTuple):
+    """Truncated Neumann series ``x = eta * sum_{j<steps} (I - eta A)^j b`` (+ ``x0`` term).
+
+    Converges when ``0 < eta < 2 / lambda_max(A)``; with ``steps`` terms the error
+    contracts like ``(1 - eta * lambda_min)^steps``. The solver stocBiO uses.
+    """
+
+    steps: int = 50
+    eta: float = 1.0
+    ridge: float = 0.0
+
+    __call__ = _call
+
+    def run(self, matvec, b, x0=None):
+        # Richardson iteration x <- x + eta (b - A x): from x0 = 0 its k-th iterate is the
+        # k-term Neumann series, and a warm start x0 is used as given.
+        x = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
+
+        def body(_, x):
+            return tree_axpy(self.eta, tree_axpy(-1.0, matvec(x), b), x)
+
+        x = jax.lax.fori_loop(0, self.steps, body, x)
+        res = _relative_residual(matvec, x, b)
+        return x, SolveInfo(res, jnp.int32(self.steps), jnp.isfinite(res))
+
+
+def _dense_run(matvec, b, dense_solve):
+    """Materialises ``matvec`` as a matrix (``n`` matvecs) and applies ``dense_solve``."""
+    flat_b, unravel = ravel_pytree(b)
+    mat = jax.jacfwd(lambda f: ravel_pytree(matvec(unravel(f)))[0])(flat_b)
+    x = unravel(dense_solve(mat, flat_b))
+    res = _relative_residual(matvec, x, b)
+    return x, SolveInfo(res, jnp.int32(flat_b.size), jnp.isfinite(res))
+
+
+class Cholesky(NamedTuple):
+    """Dense Cholesky solve: materialises ``A`` with ``n`` matvecs. Small problems only."""
+
+    ridge: float = 0.0
+
+    __call__ = _call
+
+    def run(self, matvec, b, x0=None):
+        del x0
+        return _dense_run(
+            matvec, b, lambda m, f: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m), f)
+        )
+
+
+class LU(NamedTuple):
+    """Dense LU solve for non-symmetric or indefinite ``A``. Small problems only."""
+
+    ridge: float = 0.0
+
+    __call__ = _call
+
+    def run(self, matvec, b, x0=None):
+        del x0
+        return _dense_run(matvec, b, jnp.linalg.solve)
