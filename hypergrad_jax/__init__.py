@@ -1,12 +1,19 @@
 """hypergrad_jax: hypergradients and bilevel optimization as composable JAX functions.
 
-    import hypergrad_jax as hg
-    grad, info = hg.hypergradient(problem, run, hg.Implicit(), hparams, params0,
-                                  inner_data, outer_data)
+import hypergrad_jax as hg
+grad, info = hg.hypergradient(problem, run, hg.Implicit(), hparams, params0,
+                              inner_data, outer_data)
 """
 
 from hypergrad_jax import linalg, optim, testing
-from hypergrad_jax.api import HypergradientError, Info, Status, hypergradient, raise_if_failed, solve
+from hypergrad_jax.api import (
+    HypergradientError,
+    Info,
+    Status,
+    hypergradient,
+    raise_if_failed,
+    solve,
+)
 from hypergrad_jax.estimators import Forward, Greedy, Implicit, Unrolled
 from hypergrad_jax.linalg import CG, LU, Cholesky, Neumann, SolveInfo
 from hypergrad_jax.optim import InnerOptimizer, Shared

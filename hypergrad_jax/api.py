@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +76,26 @@ def solve(
     """
     _check_estimator(estimator)
     validate(problem, run, hparams, params0, inner_data, key)
-    return estimator.solution(problem, run, hparams, params0, inner_data, key)
+    return _solve(problem, run, estimator, *_split(params0), *_split(inner_data), hparams, key)
+
+
+def _split(x):
+    """``(function, None)`` or ``(None, pytree)``: functions are static arguments of the
+    internal ``jit`` (cached by identity), pytrees are traced."""
+    return (x, None) if callable(x) else (None, x)
+
+
+def _join(fn, tree):
+    return tree if fn is None else fn
+
+
+# The entry points are jitted internally: eager op-by-op dispatch of a scan-based run is
+# seconds per call, and under an outer jit/grad/vmap an inner jit is simply inlined.
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 5))
+def _solve(problem, run, estimator, params0_fn, params0, data_fn, data, hparams, key):
+    return estimator.solution(
+        problem, run, hparams, _join(params0_fn, params0), _join(data_fn, data), key
+    )
 
 
 def hypergradient(
@@ -111,6 +132,36 @@ def hypergradient(
     """
     _check_estimator(estimator)
     validate(problem, run, hparams, params0, inner_data, key, outer_data)
+    return _hypergradient(
+        problem,
+        run,
+        estimator,
+        *_split(params0),
+        *_split(inner_data),
+        throw,
+        hparams,
+        outer_data,
+        key,
+        warm_start,
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 5, 7))
+def _hypergradient(
+    problem,
+    run,
+    estimator,
+    params0_fn,
+    params0,
+    data_fn,
+    data,
+    throw,
+    hparams,
+    outer_data,
+    key,
+    warm_start,
+):
+    params0, inner_data = _join(params0_fn, params0), _join(data_fn, data)
     g, value, theta, solve_info, adjoint = estimator.grad(
         problem, run, hparams, params0, inner_data, outer_data, key, warm_start
     )

@@ -9,7 +9,8 @@ it. Solvers are not differentiated through: the implicit estimator wraps them in
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -19,7 +19,8 @@ resolved by the inner run before ``update`` is called, so every optimizer suppor
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ class InnerOptimizer(NamedTuple):
       update: ``(grads, state, params, hparams, step) -> (params, state)``.
       name: used in error messages.
       required: hyperparameter names that must be given.
-      defaults: hyperparameter names that may be given, with their default values.
+      defaults: hyperparameter names that may be given, with their default values
+        (``None``: left to the optimizer, not filled in).
     """
 
     init: Callable
@@ -66,7 +68,7 @@ class InnerOptimizer(NamedTuple):
                 f"it takes {sorted(self.required)} and optionally "
                 f"{sorted(k for k, _ in self.defaults)}"
             )
-        return {**dict(self.defaults), **hparams}
+        return {**{k: v for k, v in self.defaults if v is not None}, **hparams}
 
 
 class Shared(NamedTuple):
@@ -161,13 +163,20 @@ def sgd_momentum(
             grads = jax.tree.map(lambda g: jnp.clip(g, -clip, clip), grads)
         vel = jax.tree.map(
             lambda v, g, p, b_, x_: _step_like(v, b_ * v + g + x_ * p),
-            state.velocity, grads, params, b, xi,
+            state.velocity,
+            grads,
+            params,
+            b,
+            xi,
         )
         new = jax.tree.map(lambda p, v, a_: _step_like(p, p - a_ * v), params, vel, a)
         return new, MomentumState(vel)
 
     return InnerOptimizer(
-        init, update, "sgd_momentum", ("lr",),
+        init,
+        update,
+        "sgd_momentum",
+        ("lr",),
         (("momentum", momentum), ("weight_decay", weight_decay)),
     )
 
@@ -198,11 +207,13 @@ def adam(
         return AdamState(zeros, zeros)
 
     def update(grads, state, params, hparams, step):
-        t = (step + 1).astype(jnp.float32)
+        t = jnp.asarray(step + 1, jnp.result_type(float))  # the default float dtype
         a, beta1, beta2, e = (hparams[k] for k in ("lr", "b1", "b2", "eps"))
         lr = per_param(a, params, "lr", "adam")
         mu = jax.tree.map(lambda m, g: _step_like(m, beta1 * m + (1 - beta1) * g), state.mu, grads)
-        nu = jax.tree.map(lambda v, g: _step_like(v, beta2 * v + (1 - beta2) * g * g), state.nu, grads)
+        nu = jax.tree.map(
+            lambda v, g: _step_like(v, beta2 * v + (1 - beta2) * g * g), state.nu, grads
+        )
 
         def move(p, m, v, a_):
             m_hat = m / (1 - beta1**t)
@@ -211,9 +222,7 @@ def adam(
 
         return jax.tree.map(move, params, mu, nu, lr), AdamState(mu, nu)
 
-    return InnerOptimizer(
-        init, update, "adam", ("lr",), (("b1", b1), ("b2", b2), ("eps", eps))
-    )
+    return InnerOptimizer(init, update, "adam", ("lr",), (("b1", b1), ("b2", b2), ("eps", eps)))
 
 
 def from_optax(factory: Callable[..., optax.GradientTransformation]) -> InnerOptimizer:
@@ -228,14 +237,16 @@ def from_optax(factory: Callable[..., optax.GradientTransformation]) -> InnerOpt
     """
     sig = inspect.signature(factory)
     required = tuple(
-        n for n, p in sig.parameters.items()
+        n
+        for n, p in sig.parameters.items()
         if p.default is inspect.Parameter.empty
         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
-    defaults = tuple(
-        (n, p.default) for n, p in sig.parameters.items()
-        if p.default is not inspect.Parameter.empty and isinstance(p.default, (int, float))
-        and not isinstance(p.default, bool)
+    optional = tuple(
+        (n, None)
+        for n, p in sig.parameters.items()
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     )
     name = getattr(factory, "__name__", "optax")
 
@@ -248,4 +259,4 @@ def from_optax(factory: Callable[..., optax.GradientTransformation]) -> InnerOpt
         new = jax.tree.map(lambda p, u: _step_like(p, p + u), params, updates)
         return new, state
 
-    return InnerOptimizer(init, update, name, required, defaults)
+    return InnerOptimizer(init, update, name, required, optional)

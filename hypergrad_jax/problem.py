@@ -12,7 +12,8 @@ jittable sampler ``(key, step) -> batch`` called with ``fold_in(key, step)``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

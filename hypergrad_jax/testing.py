@@ -13,7 +13,8 @@ Exact values need float64: enable it with ``jax.config.update("jax_enable_x64", 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def quadratic_problem(
     dtype = dtype or jnp.result_type(float)
     kq, kb, kc, kp, kt, kh = jax.random.split(key, 6)
     q, _ = jnp.linalg.qr(jax.random.normal(kq, (dim, dim), dtype))
-    a = (q * jnp.linspace(mu, L, dim, dtype=dtype)) @ q.T
+    a = (q * jnp.linspace(mu, L, dim, dtype=dtype)[None, :]) @ q.T
     a = 0.5 * (a + a.T)
     inner_data = {
         "A": a,
@@ -122,8 +123,15 @@ def quadratic_problem(
 
     hparams = jax.random.normal(kh, (num_hparams,), dtype)
     return ExactProblem(
-        problem, run, hparams, jnp.zeros(dim, dtype), inner_data, outer_data,
-        solution, objective, exact_hypergradient,
+        problem,
+        run,
+        hparams,
+        jnp.zeros(dim, dtype),
+        inner_data,
+        outer_data,
+        solution,
+        objective,
+        exact_hypergradient,
     )
 
 
@@ -179,8 +187,15 @@ def ridge_regression(
     lr = 2.0 / (mu + L)
     run = InnerRun(optim.sgd(), num_steps, optimizer_hparams=lambda h: {"lr": lr})
     return ExactProblem(
-        BilevelProblem(_ridge_inner, _ridge_outer), run, hparams, jnp.zeros(dim, dtype),
-        (x, y), (xv, yv), solution, objective, jax.grad(objective),
+        BilevelProblem(_ridge_inner, _ridge_outer),
+        run,
+        hparams,
+        jnp.zeros(dim, dtype),
+        (x, y),
+        (xv, yv),
+        solution,
+        objective,
+        jax.grad(objective),
     )
 
 

@@ -49,7 +49,9 @@ def _root_jvp(run_fn, grad_fn, solver, primals, tangents):
     )
     hessian = _hessian_matvec(grad_fn, theta, hparams, batch, grad_consts, solver.ridge)
     d_theta = jax.lax.custom_linear_solve(
-        hessian, jax.tree.map(jnp.negative, rhs), lambda mv, b: solver.run(mv, b)[0],
+        hessian,
+        jax.tree.map(jnp.negative, rhs),
+        lambda mv, b: solver.run(mv, b)[0],
         symmetric=True,
     )
     return theta, d_theta
@@ -66,10 +68,14 @@ def implicit_solution(problem, run, solver, hparams, params0, inner_data, key):
     batch = optimality_batch(run, inner_data, key)
 
     def run_fn(h, p0):
-        return run_steps(problem, run, h, init_state(run, h, p0), inner_data, key, 0, run.num_steps).params
+        return run_steps(
+            problem, run, h, init_state(run, h, p0), inner_data, key, 0, run.num_steps
+        ).params
 
     run_conv, run_consts = jax.closure_convert(run_fn, hparams, params0)
-    grad_conv, grad_consts = jax.closure_convert(jax.grad(problem.inner_loss), params0, hparams, batch)
+    grad_conv, grad_consts = jax.closure_convert(
+        jax.grad(problem.inner_loss), params0, hparams, batch
+    )
     return _root(
         run_conv, grad_conv, solver, hparams, batch, tuple(grad_consts), params0, tuple(run_consts)
     )
@@ -106,8 +112,11 @@ class Implicit(NamedTuple):
         hessian = _hessian_matvec(grad_fn, theta, hparams, batch, (), self.solver.ridge)
         # custom_linear_solve keeps this differentiable (second order through hypergradient).
         v, solve_info = jax.lax.custom_linear_solve(
-            hessian, f_theta, lambda mv, b: self.solver.run(mv, b, warm_start),
-            symmetric=True, has_aux=True,
+            hessian,
+            f_theta,
+            lambda mv, b: self.solver.run(mv, b, warm_start),
+            symmetric=True,
+            has_aux=True,
         )
         _, mixed_vjp = jax.vjp(lambda h: grad_fn(theta, h, batch), hparams)
         g = tree_axpy(-1.0, mixed_vjp(v)[0], f_hparams)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from hypergrad_jax.problem import init_state, initial_params, run_steps
 
@@ -91,4 +92,7 @@ class Forward(NamedTuple):
         solution = lambda h: self.solution(problem, run, h, params0, inner_data, key)  # noqa: E731
         # jacfwd of a scalar has the gradient's structure; the primal run is not batched
         # over the basis tangents, so it runs once.
-        return (*_differentiate(jax.jacfwd, problem, solution, hparams, outer_data), None, None)
+        g, value, params = _differentiate(jax.jacfwd, problem, solution, hparams, outer_data)
+        # jacfwd returns the output's dtype (bf16 for a bf16 loss); match grad's convention.
+        g = jax.tree.map(lambda d, h: d.astype(jnp.result_type(h)), g, hparams)
+        return g, value, params, None, None
