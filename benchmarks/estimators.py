@@ -18,6 +18,8 @@ a few calls, each ended by ``block_until_ready``). Nothing is asserted: it measu
 
 Run:  python benchmarks/estimators.py           # full (T up to 10000), a few minutes on 2 cores
       python benchmarks/estimators.py --quick   # T in {100, 1000}, fewer repeats: a smoke test
+      --out DIR writes the results there instead (e.g. a smoke test that should not overwrite
+      the committed full-run numbers).
 """
 
 from __future__ import annotations
@@ -394,6 +396,9 @@ def markdown(info: dict, rows: list[dict], imp: dict, elapsed: float, quick: boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T in {100, 1000}, fewer repeats")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     if args.quick:
@@ -411,12 +416,12 @@ def main() -> None:
     imp = implicit_comparison(train, val, params0, 2000, cg, imp_repeats)
 
     elapsed = time.perf_counter() - start
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     record = {"machine": info, "quick": args.quick, "elapsed_s": elapsed, "horizons": rows}
     record["implicit"] = imp
-    (RESULTS / "estimators.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "estimators.md").write_text(markdown(info, rows, imp, elapsed, args.quick))
-    print(f"wrote {RESULTS}/estimators.{{json,md}} in {elapsed:.0f} s")
+    (args.out / "estimators.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "estimators.md").write_text(markdown(info, rows, imp, elapsed, args.quick))
+    print(f"wrote {args.out}/estimators.{{json,md}} in {elapsed:.0f} s")
 
 
 if __name__ == "__main__":
