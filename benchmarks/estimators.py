@@ -315,6 +315,7 @@ def machine() -> dict:
         "backend": jax.default_backend(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_at_start": os.getloadavg()[0],  # > 0.5: something else was running
     }
 
 
@@ -324,7 +325,8 @@ def markdown(info: dict, rows: list[dict], imp: dict, elapsed: float, quick: boo
         "# Hypergradient estimators: time and memory",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, jax {m['jax']} ({m['backend']}), "
-        f"Python {m['python']}; {m['date']}. "
+        f"Python {m['python']}; {m['date']}; 1-minute load average at start "
+        f"{m['load_average_at_start']:.2f}. "
         f"Command: `python benchmarks/estimators.py{' --quick' if quick else ''}` "
         f"({elapsed:.0f} s in all).",
         "",

@@ -76,13 +76,40 @@ def solve(
     """
     _check_estimator(estimator)
     validate(problem, run, hparams, params0, inner_data, key)
-    return _solve(problem, run, estimator, *_split(params0), *_split(inner_data), hparams, key)
+    static, params0, inner_data = _split(problem, run, estimator, params0, inner_data)
+    return _solve(static, params0, inner_data, hparams, key)
 
 
-def _split(x):
-    """``(function, None)`` or ``(None, pytree)``: functions are static arguments of the
-    internal ``jit`` (cached by identity), pytrees are traced."""
-    return (x, None) if callable(x) else (None, x)
+class _Static:
+    """A static ``jit`` argument, hashed by value when it is hashable (so ``hg.Implicit()``
+    built afresh each call hits the cache) and by identity otherwise (e.g. a solver
+    option given as an array)."""
+
+    def __init__(self, value):
+        self.value = value
+        try:
+            self._hash = hash(value)
+            self._by_value = True
+        except TypeError:
+            self._hash, self._by_value = id(value), False
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, _Static):
+            return False
+        if self._by_value and other._by_value:
+            return self.value == other.value
+        return self.value is other.value
+
+
+def _split(problem, run, estimator, params0, inner_data, *extra):
+    """Functions (the problem, run, estimator, callable ``params0``/``inner_data``) become one
+    static argument of the internal ``jit``; pytrees stay traced."""
+    fns = tuple(x if callable(x) else None for x in (params0, inner_data))
+    trees = tuple(None if callable(x) else x for x in (params0, inner_data))
+    return _Static((problem, run, estimator, *fns, *extra)), *trees
 
 
 def _join(fn, tree):
@@ -90,11 +117,13 @@ def _join(fn, tree):
 
 
 # The entry points are jitted internally: eager op-by-op dispatch of a scan-based run is
-# seconds per call, and under an outer jit/grad/vmap an inner jit is simply inlined.
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 5))
-def _solve(problem, run, estimator, params0_fn, params0, data_fn, data, hparams, key):
+# seconds per call, and under an outer jit/grad/vmap an inner jit is simply inlined. A new
+# closure (a fresh lambda sampler each call) is a new static argument and recompiles.
+@partial(jax.jit, static_argnums=0)
+def _solve(static, params0, inner_data, hparams, key):
+    problem, run, estimator, params0_fn, data_fn = static.value
     return estimator.solution(
-        problem, run, hparams, _join(params0_fn, params0), _join(data_fn, data), key
+        problem, run, hparams, _join(params0_fn, params0), _join(data_fn, inner_data), key
     )
 
 
@@ -132,36 +161,14 @@ def hypergradient(
     """
     _check_estimator(estimator)
     validate(problem, run, hparams, params0, inner_data, key, outer_data)
-    return _hypergradient(
-        problem,
-        run,
-        estimator,
-        *_split(params0),
-        *_split(inner_data),
-        throw,
-        hparams,
-        outer_data,
-        key,
-        warm_start,
-    )
+    static, params0, inner_data = _split(problem, run, estimator, params0, inner_data, throw)
+    return _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_start)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 5, 7))
-def _hypergradient(
-    problem,
-    run,
-    estimator,
-    params0_fn,
-    params0,
-    data_fn,
-    data,
-    throw,
-    hparams,
-    outer_data,
-    key,
-    warm_start,
-):
-    params0, inner_data = _join(params0_fn, params0), _join(data_fn, data)
+@partial(jax.jit, static_argnums=0)
+def _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_start):
+    problem, run, estimator, params0_fn, data_fn, throw = static.value
+    params0, inner_data = _join(params0_fn, params0), _join(data_fn, inner_data)
     g, value, theta, solve_info, adjoint = estimator.grad(
         problem, run, hparams, params0, inner_data, outer_data, key, warm_start
     )

@@ -9,9 +9,9 @@ nothing per step (flat in T).
 import jax
 import jax.numpy as jnp
 import pytest
+from problems import MLP_PROBLEM, logistic_data, mlp_params
 
 import hypergrad_jax as hg
-from problems import MLP_PROBLEM, logistic_data, mlp_params
 
 
 def temp_bytes(estimator, num_steps, key):

@@ -187,3 +187,19 @@ def test_bf16_params_with_float32_hyperparameters(getkey):
             assert a.dtype == jnp.float32  # hypergradients in the hyperparameters' dtype
             # bf16 has 8 bits of mantissa (~4e-3 relative per op, compounded over 10 steps).
             np.testing.assert_allclose(a, b, rtol=0.1, atol=0.02)
+
+
+def test_unhashable_estimator_options_and_cache_hits(getkey):
+    # Estimators are static arguments of the internal jit: equal values share a compiled
+    # function, unhashable ones (an array-valued option) fall back to identity.
+    from hypergrad_jax.api import _hypergradient
+
+    tp = hg.testing.ridge_regression(getkey())
+    exact = tp.exact_hypergradient(tp.hparams)
+    before = _hypergradient._cache_size()
+    for est in (hg.Implicit(hg.CG(tol=jnp.asarray(1e-10))), hg.Implicit(), hg.Implicit()):
+        g, _ = hg.hypergradient(
+            *args(tp), est, tp.hparams, tp.params0, tp.inner_data, tp.outer_data
+        )
+        np.testing.assert_allclose(g, exact, rtol=1e-8)
+    assert _hypergradient._cache_size() == before + 2

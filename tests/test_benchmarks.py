@@ -1,0 +1,33 @@
+"""The benchmark scripts run (smoke test, results to a temporary folder; nothing timed)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def test_estimators_benchmark_quick(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "estimators.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "estimators.json").read_text())
+    assert (tmp_path / "estimators.md").read_text().startswith("# Hypergradient estimators")
+    assert {row["T"] for row in data["horizons"]} == {100, 1000}
+    assert all(row.get("status", "OK") == "OK" for row in data["horizons"])
+    # forward mode's compiled memory is flat in T, reverse mode's grows (XLA's analysis)
+    temp = {(r["T"], r["estimator"]): r["temp_bytes"] for r in data["horizons"]}
+    assert temp[1000, "Forward()"] == temp[100, "Forward()"]
+    assert temp[1000, "Unrolled()"] > 5 * temp[100, "Unrolled()"]
+    assert data["implicit"]["status"] == "OK"
