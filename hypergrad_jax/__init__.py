@@ -5,7 +5,7 @@ grad, info = hg.hypergradient(problem, run, hg.Implicit(), hparams, params0,
                               inner_data, outer_data)
 """
 
-from hypergrad_jax import linalg, optim, testing
+from hypergrad_jax import linalg, optim, outer, testing
 from hypergrad_jax.api import (
     HypergradientError,
     Info,
@@ -41,6 +41,7 @@ __all__ = [
     "hypergradient",
     "linalg",
     "optim",
+    "outer",
     "raise_if_failed",
     "solve",
     "testing",

@@ -32,6 +32,7 @@ class Status(enum.IntEnum):
 
 class Info(NamedTuple):
     outer_value: jax.Array  # float[]: f(θ_T, λ)
+    params: PyTree  # θ_T, the inner run's end point (e.g. a warm start for the next run)
     inner_residual: jax.Array  # float32[]: ||∇_θ g(θ_T, λ)|| on the optimality batch
     status: jax.Array  # int32[]: a Status
     solve: SolveInfo | None  # the linear solve (Implicit only)
@@ -181,7 +182,7 @@ def _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_s
         status = jnp.where(
             (status == Status.OK) & ~solve_info.converged, Status.SOLVE_NOT_CONVERGED, status
         )
-    info = Info(value, residual, status.astype(jnp.int32), solve_info, adjoint)
+    info = Info(value, theta, residual, status.astype(jnp.int32), solve_info, adjoint)
     if throw:
         jax.debug.callback(_raise_for_status, info.status)
     return g, info

@@ -1,0 +1,163 @@
+"""The outer loop: one pure outer step on one pytree state.
+
+    state = hg.outer.init(optimizer, hparams, params0, key)
+    step = jax.jit(lambda s: hg.outer.step(problem, run, estimator, optimizer, s,
+                                           inner_data, outer_data))
+    for _ in range(n):
+        state, metrics = step(state)
+
+The outer optimizer is any ``optax.GradientTransformation`` acting on the hyperparameters,
+including :func:`sign_adaptive`, the sign-based step of FDS (ALGORITHMS.md §2). The whole
+state — hyperparameters, optimizer state, inner warm start, the linear-solve warm start,
+PRNG key and step counter — is one pytree, so it checkpoints and ``vmap``s as a unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from hypergrad_jax.api import hypergradient
+
+PyTree = Any
+
+
+class OuterState(NamedTuple):
+    hparams: PyTree  # λ, the hyperparameters being learned
+    opt_state: PyTree  # the outer optimizer's state
+    params: PyTree  # θ_T of the last inner run: the warm start of the next one
+    adjoint: PyTree  # the last linear-solve solution (Implicit), else zeros like params
+    key: jax.Array  # PRNG key, split once per outer step
+    step: jax.Array  # int32[]: outer steps done
+
+
+class OuterMetrics(NamedTuple):
+    outer_loss: jax.Array  # f(θ_T, λ) before the update
+    grad_norm: jax.Array  # ||∇F(λ)||
+    inner_residual: jax.Array  # ||∇_θ g(θ_T, λ)||
+    status: jax.Array  # int32 hg.Status of the hypergradient
+
+
+def init(
+    optimizer: optax.GradientTransformation, hparams: PyTree, params0: PyTree, key: jax.Array
+) -> OuterState:
+    """The state before the first outer step."""
+    zeros = jax.tree.map(jnp.zeros_like, params0)
+    return OuterState(
+        hparams, optimizer.init(hparams), params0, zeros, key, jnp.zeros((), jnp.int32)
+    )
+
+
+def step(
+    problem,
+    run,
+    estimator,
+    optimizer: optax.GradientTransformation,
+    state: OuterState,
+    inner_data: PyTree | Callable,
+    outer_data: PyTree | Callable,
+    *,
+    reinit: Callable[[jax.Array], PyTree] | None = None,
+    skip_nonfinite: bool = True,
+) -> tuple[OuterState, OuterMetrics]:
+    """One outer step: a hypergradient, then the outer optimizer's update.
+
+    Args:
+      problem, run, estimator: as in :func:`hypergrad_jax.hypergradient`.
+      optimizer: an optax transformation on the hyperparameters.
+      state: the :class:`OuterState`.
+      inner_data: a batch or a sampler ``(key, step) -> batch`` (given this step's key).
+      outer_data: a batch, or ``key -> batch`` (e.g. a fresh validation split per step).
+      reinit: ``key -> params`` re-initialises the network every outer step (FDS);
+        ``None`` warm-starts from the previous step's end point (NHGD, implicit methods).
+      skip_nonfinite: keep the hyperparameters when the hypergradient is not finite (the
+        status is still reported), so one diverging member does not poison a population.
+
+    Returns:
+      ``(new_state, metrics)``.
+    """
+    key, k_init, k_inner, k_outer = jax.random.split(state.key, 4)
+    params0 = state.params if reinit is None else reinit(k_init)
+    batch = outer_data(k_outer) if callable(outer_data) else outer_data
+    grad, info = hypergradient(
+        problem,
+        run,
+        estimator,
+        state.hparams,
+        params0,
+        inner_data,
+        batch,
+        key=k_inner,
+        warm_start=state.adjoint,
+    )
+    updates, opt_state = optimizer.update(grad, state.opt_state, state.hparams)
+    hparams = optax.apply_updates(state.hparams, updates)
+    ok = info.status == 0
+    if skip_nonfinite:
+        hparams, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old),
+            (hparams, opt_state),
+            (state.hparams, state.opt_state),
+        )
+    adjoint = state.adjoint if info.adjoint is None else info.adjoint
+    new = OuterState(hparams, opt_state, info.params, adjoint, key, state.step + 1)
+    grad_norm = optax.tree.norm(grad)
+    return new, OuterMetrics(info.outer_value, grad_norm, info.inner_residual, info.status)
+
+
+class SignAdaptiveState(NamedTuple):
+    step_size: PyTree  # s, per hyperparameter element, like hparams
+    last_sign: PyTree  # sign of the previous hypergradient (0 before the first step)
+
+
+def sign_adaptive(initial_step: PyTree | float) -> optax.GradientTransformation:
+    """The sign-based outer step of FDS (Micaelli & Storkey 2021)::
+
+        λ ← λ − sign(∇F) · s,     s ← s / 2 wherever sign(∇F) flipped since the last step
+
+    Robust to the hypergradient's scale, which varies by orders of magnitude between
+    learning rates, momenta and weight decays. Stop with :func:`sign_adaptive_converged`.
+
+    Args:
+      initial_step: ``s`` at the start: a float, or a pytree like ``hparams`` (per leaf,
+        broadcast over the leaf's elements), e.g. 0.1 for learning rates and momenta and
+        3e-4 for weight decays.
+    """
+
+    def init_fn(params):
+        if isinstance(initial_step, (int, float)):
+            steps = jax.tree.map(lambda p: jnp.full_like(p, initial_step), params)
+        else:
+            steps = jax.tree.map(
+                lambda s, p: jnp.broadcast_to(s, jnp.shape(p)).astype(jnp.result_type(p)),
+                initial_step,
+                params,
+            )
+        return SignAdaptiveState(steps, jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        sign = jax.tree.map(jnp.sign, updates)
+        step_size = jax.tree.map(
+            lambda s, new, old: jnp.where(new * old < 0, s / 2, s),
+            state.step_size,
+            sign,
+            state.last_sign,
+        )
+        moves = jax.tree.map(lambda s, g: -s * g, step_size, sign)
+        return moves, SignAdaptiveState(step_size, sign)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sign_adaptive_converged(
+    opt_state: SignAdaptiveState, hparams: PyTree, threshold: float = 0.05
+) -> jax.Array:
+    """FDS's stopping rule: every step is below ``threshold`` of its hyperparameter,
+    ``s / |λ| < threshold`` (never true while some ``λ`` is 0)."""
+    ratios = jax.tree.map(lambda s, h: s < threshold * jnp.abs(h), opt_state.step_size, hparams)
+    return jnp.all(jnp.array([jnp.all(r) for r in jax.tree.leaves(ratios)]))

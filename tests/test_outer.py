@@ -1,0 +1,109 @@
+"""The outer step and the sign-based adaptive outer optimizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import hypergrad_jax as hg
+
+
+def test_sign_adaptive_halves_on_flips():
+    opt = hg.outer.sign_adaptive({"a": 0.1, "b": 3e-4})
+    params = {"a": jnp.asarray(1.0), "b": jnp.zeros(2)}
+    state = opt.init(params)
+    grads = [(1.0, [1.0, -1.0]), (2.0, [-1.0, -1.0]), (-1.0, [-3.0, 0.5]), (-5.0, [2.0, 2.0])]
+    moves = []
+    for a, b in grads:
+        upd, state = opt.update({"a": jnp.asarray(a), "b": jnp.asarray(b)}, state)
+        moves.append((float(upd["a"]), np.asarray(upd["b"]).tolist()))
+    # a: signs + + - -  -> steps 0.1, 0.1, 0.05, 0.05
+    assert [m[0] for m in moves] == [-0.1, -0.1, 0.05, 0.05]
+    # b[0]: + - - +  -> 3e-4, 1.5e-4, 1.5e-4, 7.5e-5 ; b[1]: - - + +  -> 3e-4, 3e-4, 1.5e-4, 1.5e-4
+    np.testing.assert_allclose(
+        [m[1] for m in moves],
+        [[-3e-4, 3e-4], [1.5e-4, 3e-4], [1.5e-4, -1.5e-4], [-7.5e-5, -1.5e-4]],
+        rtol=1e-12,
+    )
+
+
+def test_sign_adaptive_stopping_rule():
+    opt = hg.outer.sign_adaptive(0.1)
+    h = {"lr": jnp.asarray(1.0), "wd": jnp.asarray(0.0)}
+    state = opt.init(h)
+    assert not bool(hg.outer.sign_adaptive_converged(state, h))  # 0.1/1 = 10% and wd = 0
+    h = {"lr": jnp.asarray(1.0), "wd": jnp.asarray(3.0)}
+    assert not bool(hg.outer.sign_adaptive_converged(state, h))
+    state = state._replace(step_size={"lr": jnp.asarray(0.04), "wd": jnp.asarray(0.1)})
+    assert bool(hg.outer.sign_adaptive_converged(state, h))  # 4% and 3.3%
+
+
+def test_outer_loop_finds_the_best_ridge(getkey):
+    # Ridge regression's validation loss in the log-ridge λ is smooth: Adam on λ converges
+    # to a stationary point, where the exact hypergradient vanishes.
+    tp = hg.testing.ridge_regression(getkey(), num_steps=400)
+    opt = optax.adam(0.1)
+    state = hg.outer.init(opt, tp.hparams, tp.params0, getkey())
+    step = jax.jit(
+        lambda s: hg.outer.step(
+            tp.problem, tp.run, hg.Implicit(), opt, s, tp.inner_data, tp.outer_data
+        )
+    )
+    losses = []
+    for _ in range(60):
+        state, metrics = step(state)
+        losses.append(float(metrics.outer_loss))
+        assert int(metrics.status) == hg.Status.OK
+    assert losses[-1] < losses[0]
+    assert abs(float(tp.exact_hypergradient(state.hparams))) < 0.05 * abs(
+        float(tp.exact_hypergradient(tp.hparams))
+    )
+    assert int(state.step) == 60
+    # the inner run was warm-started from the previous end point: the residual is tiny
+    assert float(metrics.inner_residual) < 1e-8
+
+
+def test_outer_step_reinit_and_callable_outer_data(getkey):
+    tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
+    opt = hg.outer.sign_adaptive(0.1)
+    seen = []
+
+    def reinit(key):
+        seen.append(key)
+        return jax.random.normal(key, (4,))
+
+    state = hg.outer.init(opt, tp.hparams, tp.params0, getkey())
+    state, metrics = hg.outer.step(
+        tp.problem,
+        tp.run,
+        hg.Unrolled(),
+        opt,
+        state,
+        tp.inner_data,
+        lambda key: tp.outer_data,
+        reinit=reinit,
+    )
+    assert len(seen) == 1 and int(state.step) == 1
+    g = tp.exact_hypergradient(tp.hparams)  # the run converges: sign moves against it
+    np.testing.assert_allclose(state.hparams, tp.hparams - 0.1 * jnp.sign(g), rtol=1e-12)
+
+
+def test_nonfinite_hypergradient_keeps_hyperparameters(getkey):
+    tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
+    bad = tp.problem._replace(outer_loss=lambda p, h, b: jnp.sum(jnp.sqrt(h - 100.0)))
+    opt = optax.sgd(0.1)
+    state = hg.outer.init(opt, tp.hparams, tp.params0, getkey())
+    new, metrics = hg.outer.step(
+        bad, tp.run, hg.Unrolled(), opt, state, tp.inner_data, tp.outer_data
+    )
+    assert int(metrics.status) == hg.Status.NONFINITE
+    np.testing.assert_array_equal(new.hparams, state.hparams)
+    assert int(new.step) == 1
+
+
+def test_outer_state_is_one_pytree(getkey):
+    tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
+    state = hg.outer.init(optax.adam(0.1), tp.hparams, tp.params0, getkey())
+    leaves = jax.tree.leaves(state)
+    rebuilt = jax.tree.unflatten(jax.tree.structure(state), leaves)
+    assert isinstance(rebuilt, hg.outer.OuterState)
