@@ -5,7 +5,7 @@ grad, info = hg.hypergradient(problem, run, hg.Implicit(), hparams, params0,
                               inner_data, outer_data)
 """
 
-from hypergrad_jax import linalg, optim, outer, testing
+from hypergrad_jax import data, linalg, optim, outer, parallel, testing
 from hypergrad_jax.api import (
     HypergradientError,
     Info,
@@ -39,9 +39,11 @@ __all__ = [
     "Status",
     "Unrolled",
     "hypergradient",
+    "data",
     "linalg",
     "optim",
     "outer",
+    "parallel",
     "raise_if_failed",
     "solve",
     "testing",

@@ -105,11 +105,19 @@ class _Static:
         return self.value is other.value
 
 
+def _is_function(x) -> bool:
+    """A callable that is a pytree leaf (a plain function): a static argument. A callable
+    pytree of arrays (e.g. :class:`hypergrad_jax.data.Sampler`) is traced instead, so its
+    data is not baked into the compiled program as constants."""
+    leaves = jax.tree.leaves(x)
+    return callable(x) and len(leaves) == 1 and leaves[0] is x
+
+
 def _split(problem, run, estimator, params0, inner_data, *extra):
-    """Functions (the problem, run, estimator, callable ``params0``/``inner_data``) become one
-    static argument of the internal ``jit``; pytrees stay traced."""
-    fns = tuple(x if callable(x) else None for x in (params0, inner_data))
-    trees = tuple(None if callable(x) else x for x in (params0, inner_data))
+    """Functions (the problem, run, estimator, function-valued ``params0``/``inner_data``)
+    become one static argument of the internal ``jit``; pytrees stay traced."""
+    fns = tuple(x if _is_function(x) else None for x in (params0, inner_data))
+    trees = tuple(None if _is_function(x) else x for x in (params0, inner_data))
     return _Static((problem, run, estimator, *fns, *extra)), *trees
 
 

@@ -45,11 +45,21 @@ class OuterMetrics(NamedTuple):
 def init(
     optimizer: optax.GradientTransformation, hparams: PyTree, params0: PyTree, key: jax.Array
 ) -> OuterState:
-    """The state before the first outer step."""
+    """The state before the first outer step.
+
+    Leaves are made strongly typed (``jnp.asarray(0.1)`` is weakly typed, the updated
+    values are not), so a jitted step compiles once, not twice.
+    """
+    hparams, params0 = jax.tree.map(_strong, (hparams, params0))
     zeros = jax.tree.map(jnp.zeros_like, params0)
     return OuterState(
         hparams, optimizer.init(hparams), params0, zeros, key, jnp.zeros((), jnp.int32)
     )
+
+
+def _strong(x):
+    x = jnp.asarray(x)
+    return jnp.array(x, dtype=x.dtype)
 
 
 def step(

@@ -1,0 +1,131 @@
+"""The ``hypergrad`` command.
+
+    hypergrad run [CONFIG] [--set key=value ...] [--preset NAME | --tiny] [--quiet]
+    hypergrad run --resume RUN_DIR
+    hypergrad list
+
+``hypergrad run`` with no config runs ``configs/quickstart.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from experiments import config as cfg_lib
+from experiments.harness import execute
+from experiments.rundir import RunDir
+
+# experiment name -> module with ``Config`` (a dataclass) and ``build(config) -> Experiment``
+EXPERIMENTS = {
+    "quickstart": "experiments.quickstart.experiment",
+}
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "quickstart.yaml"
+
+
+def config_dirs() -> list[Path]:
+    """Where configs are looked up: ./configs, then the project's configs/."""
+    return [d for d in (Path.cwd() / "configs", ROOT / "configs") if d.is_dir()]
+
+
+def find_config(name: str | None) -> Path:
+    name = name or DEFAULT_CONFIG
+    path = Path(name)
+    if path.is_file():
+        return path
+    for folder in config_dirs():
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    known = sorted(p.name for d in config_dirs() for p in d.glob("*.yaml"))
+    raise cfg_lib.ConfigError(f"{name}: no such config file; known configs: {known}")
+
+
+def load_config(data: dict, source: str):
+    """Validates raw config data into the experiment's typed config."""
+    name = data.get("experiment")
+    if name not in EXPERIMENTS:
+        raise cfg_lib.ConfigError(
+            f"{source}: experiment: unknown experiment {name!r}; allowed: {sorted(EXPERIMENTS)}"
+        )
+    module = importlib.import_module(EXPERIMENTS[name])
+    return module, cfg_lib.from_dict(module.Config, data, source)
+
+
+def cmd_list(_args) -> int:
+    print("experiments:")
+    for name, module in EXPERIMENTS.items():
+        doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<14} {doc}")
+    print("configs:")
+    for folder in config_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            experiment = cfg_lib.load_yaml(path).get("experiment", "?")
+            print(f"  {path}  ({experiment})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.resume:
+        if args.config or args.set or args.preset or args.tiny:
+            raise cfg_lib.ConfigError(
+                "--resume: takes no config, --set or --preset: the run "
+                "directory's config.yaml is used as it was"
+            )
+        rundir = RunDir.open(args.resume)
+        module, config = load_config(rundir.config(), str(rundir.path / "config.yaml"))
+        return _execute(module, config, rundir, args.quiet, resume=True)
+    path = find_config(args.config)
+    preset = "tiny" if args.tiny else args.preset
+    overrides = [cfg_lib.parse_override(s) for s in args.set]
+    data = cfg_lib.resolve(cfg_lib.load_yaml(path), str(path), preset, overrides)
+    if args.out is not None:
+        cfg_lib.set_dotted(data, "run.out_dir", args.out, "--out")
+    module, config = load_config(data, str(path))
+    rundir = RunDir.create(config.run.out_dir, config.experiment, cfg_lib.to_dict(config))
+    if not args.quiet:
+        print(f"{config.experiment}: {path} -> {rundir.path}")
+    return _execute(module, config, rundir, args.quiet, resume=False)
+
+
+def _execute(module, config, rundir, quiet, resume) -> int:
+    experiment = module.build(config)
+    execute(experiment, rundir, quiet=quiet, resume=resume)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hypergrad", description="hypergrad_jax experiments")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment from a YAML config")
+    run.add_argument("config", nargs="?", help=f"config file or name (default {DEFAULT_CONFIG})")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (dotted key; YAML value)",
+    )
+    run.add_argument("--preset", help="apply a preset defined in the config (e.g. tiny)")
+    run.add_argument("--tiny", action="store_true", help="same as --preset tiny")
+    run.add_argument("--out", help="parent folder of the run directory (run.out_dir)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    sub.add_parser("list", help="list experiments and configs")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "list": cmd_list}[args.command](args)
+    except (cfg_lib.ConfigError, FileNotFoundError) as e:
+        print(f"hypergrad: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Matplotlib figures written to a run's ``plots/`` folder (Agg backend: no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def curves(
+    path: Path,
+    series: dict,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logy: bool = False,
+    step: bool = False,
+) -> Path:
+    """One figure with a line per ``name -> (x, y)`` in ``series``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in series.items():
+        (ax.step if step else ax.plot)(
+            np.asarray(x), np.asarray(y), label=name, **({"where": "post"} if step else {})
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,171 @@
+"""Run directories: resolved config, metrics, summary, plots, checkpoints, progress.
+
+    runs/<experiment>-<YYYYmmdd-HHMMSS>/
+      config.yaml      the resolved config (what ran, after presets and --set)
+      metrics.jsonl    one JSON line per outer step
+      summary.json     final numbers
+      plots/*.png
+      checkpoints/     orbax checkpoints of the full outer state
+
+Checkpoints are written by orbax into a temporary folder and renamed when complete, and the
+last ``keep`` complete ones are kept, so a run killed mid-write still resumes from the last
+good checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+
+
+def _jsonable(x: Any):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        arr = np.asarray(x)
+        return arr.item() if arr.ndim == 0 else arr.tolist()
+    return x
+
+
+class RunDir:
+    """One run's folder (see the module docstring)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.plots = self.path / "plots"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self._checkpoints = None
+
+    @classmethod
+    def create(cls, out_dir: str | Path, experiment: str, config: dict) -> RunDir:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(out_dir) / f"{experiment}-{stamp}"
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        path.mkdir(parents=True)
+        run = cls(path)
+        run.plots.mkdir()
+        (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        path = Path(path)
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume: {path} is not a run directory (no config.yaml)")
+        return cls(path)
+
+    def config(self) -> dict:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    # metrics ---------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def metrics(self) -> list[dict]:
+        """The logged records; a last line cut short by a kill is dropped."""
+        if not self.metrics_file.exists():
+            return []
+        lines = [line for line in self.metrics_file.read_text().splitlines() if line]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise
+        return records
+
+    def keep_metrics_before(self, step: int) -> None:
+        """Drops records of steps >= ``step`` (logged after the checkpoint we resume from)."""
+        kept = [r for r in self.metrics() if r["step"] < step]
+        self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write_summary(self, summary: dict) -> None:
+        text = json.dumps(_jsonable(summary), indent=2)
+        (self.path / "summary.json").write_text(text + "\n")
+
+    # checkpoints -----------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> ocp.CheckpointManager:
+        if self._checkpoints is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+            self._checkpoints = ocp.CheckpointManager(
+                (self.path / "checkpoints").absolute(), options=options
+            )
+        return self._checkpoints
+
+    def save(self, step: int, state) -> None:
+        self.checkpoints.save(step, args=ocp.args.StandardSave(_storable(state)), force=True)
+        self.checkpoints.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.checkpoints.latest_step()
+
+    def restore(self, template):
+        """The latest checkpoint, in the structure (and key types) of ``template``."""
+        step = self.latest_step()
+        stored = _storable(template)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, stored)
+        restored = self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+        leaves = jax.tree.leaves(restored)
+        return step, jax.tree.map(
+            _unstorable, template, jax.tree.unflatten(jax.tree.structure(stored), leaves)
+        )
+
+    def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _storable(tree):
+    """Typed PRNG keys as their raw data (orbax stores plain arrays)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _unstorable(template_leaf, stored_leaf):
+    if _is_key(template_leaf):
+        return jax.random.wrap_key_data(stored_leaf, impl=jax.random.key_impl(template_leaf))
+    return stored_leaf
+
+
+class Progress:
+    """A one-line progress bar on stderr: step, current outer loss, seconds per step."""
+
+    def __init__(self, total: int, start: int = 0, quiet: bool = False, width: int = 30):
+        self.total, self.done, self.quiet, self.width = total, start, quiet, width
+        self.last = time.perf_counter()
+
+    def update(self, **shown) -> None:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        self.done += 1
+        if self.quiet:
+            return
+        filled = int(self.width * self.done / max(self.total, 1))
+        text = "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+        )
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total}  {text}  {dt:.2f}s/step ")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
