@@ -49,16 +49,16 @@ class InnerConfig:
 @dataclasses.dataclass(frozen=True)
 class HparamConfig:
     lr_blocks: int = field(default=5, metadata=bounds(ge=1))
-    init_lr: float = field(default=0.002, metadata=bounds(gt=0))
-    init_weight_decay: float = field(default=1e-5, metadata=bounds(gt=0))
+    init_lr: float = field(default=0.0003, metadata=bounds(gt=0))
+    init_weight_decay: float = field(default=0.03, metadata=bounds(gt=0))
 
 
 @dataclasses.dataclass(frozen=True)
 class OuterConfig:
     estimator: Literal[common.ESTIMATORS] = "forward"  # type: ignore[valid-type]
     optimizer: Literal[common.OUTER_OPTIMIZERS] = "adam"  # type: ignore[valid-type]
-    lr: float = field(default=0.1, metadata=bounds(gt=0))
-    num_steps: int = field(default=40, metadata=bounds(ge=1))
+    lr: float = field(default=0.2, metadata=bounds(gt=0))
+    num_steps: int = field(default=50, metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
