@@ -4,7 +4,10 @@
     hypergrad run --resume RUN_DIR
     hypergrad list
 
-``hypergrad run`` with no config runs ``configs/quickstart.yaml``.
+``hypergrad run`` with no config runs ``configs/quickstart.yaml``. Several processes run
+the same command with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or the
+``HYPERGRAD_*`` environment variables of :func:`hypergrad_jax.parallel.initialize`);
+``--set run.data_parallel=true`` then splits inner minibatches over all their devices.
 """
 
 from __future__ import annotations
@@ -69,6 +72,14 @@ def cmd_list(_args) -> int:
 
 
 def cmd_run(args) -> int:
+    from hypergrad_jax import parallel  # first: before JAX starts its backend
+
+    try:
+        parallel.initialize(
+            args.coordinator, args.num_processes, args.process_id, args.local_devices
+        )
+    except ValueError as e:  # a malformed flag or HYPERGRAD_* variable
+        raise cfg_lib.ConfigError(str(e)) from e
     if args.resume:
         if args.config or args.set or args.preset or args.tiny:
             raise cfg_lib.ConfigError(
@@ -86,7 +97,7 @@ def cmd_run(args) -> int:
         cfg_lib.set_dotted(data, "run.out_dir", args.out, "--out")
     module, config = load_config(data, str(path))
     rundir = RunDir.create(config.run.out_dir, config.experiment, cfg_lib.to_dict(config))
-    if not args.quiet:
+    if not args.quiet and rundir.primary:
         print(f"{config.experiment}: {path} -> {rundir.path}")
     return _execute(module, config, rundir, args.quiet, resume=False)
 
@@ -113,7 +124,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--tiny", action="store_true", help="same as --preset tiny")
     run.add_argument("--out", help="parent folder of the run directory (run.out_dir)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    dist = run.add_argument_group("multi-process (jax.distributed; default: HYPERGRAD_* env)")
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    dist.add_argument("--num-processes", type=int, help="number of processes")
+    dist.add_argument("--process-id", type=int, help="this process's index")
+    dist.add_argument("--local-devices", type=int, help="CPU devices per process")
     sub.add_parser("list", help="list experiments and configs")
     return p
 

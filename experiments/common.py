@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import field
+
 import jax
 import jax.numpy as jnp
 import optax
 
 import hypergrad_jax as hg
+from experiments.config import bounds
 
 ESTIMATORS = ("forward", "unrolled", "unrolled_remat", "implicit", "greedy")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How a run is executed (shared by every experiment's config)."""
+
+    checkpoint_every: int = field(default=10, metadata=bounds(ge=1))
+    out_dir: str = "runs"
+    # Split inner minibatches over every device (of every process) with shard_map.
+    data_parallel: bool = False
+
+
+def maybe_data_parallel(problem: hg.BilevelProblem, run: RunConfig) -> hg.BilevelProblem:
+    """The problem with its inner loss data-parallel over all devices, if configured (the
+    outer loss stays whole: validation sets need not divide evenly)."""
+    if not run.data_parallel:
+        return problem
+    return hg.parallel.data_parallel(problem, hg.parallel.make_mesh(), outer=False)
+
+
 OUTER_OPTIMIZERS = ("adam", "sgd", "sign")
 
 

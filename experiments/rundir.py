@@ -8,8 +8,12 @@
       checkpoints/     orbax checkpoints of the full outer state
 
 Checkpoints are written by orbax into a temporary folder and renamed when complete, and the
-last ``keep`` complete ones are kept, so a run killed mid-write still resumes from the last
+last two complete ones are kept, so a run killed mid-write still resumes from the last
 good checkpoint.
+
+Multi-process runs (``jax.distributed``): every process computes, process 0 alone writes
+(the folder name is agreed by broadcast); the outer state is identical on every process,
+so process 0 checkpoints its host copy and every process restores from the files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from jax.experimental import multihost_utils
 
 
 def _jsonable(x: Any):
@@ -45,21 +50,22 @@ class RunDir:
         self.path = Path(path)
         self.plots = self.path / "plots"
         self.metrics_file = self.path / "metrics.jsonl"
+        self.primary = jax.process_index() == 0  # the process that writes files
         self._checkpoints = None
 
     @classmethod
     def create(cls, out_dir: str | Path, experiment: str, config: dict) -> RunDir:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path(out_dir) / f"{experiment}-{stamp}"
-        path, n = base, 1
-        while path.exists():
-            n += 1
-            path = base.with_name(f"{base.name}-{n}")
-        path.mkdir(parents=True)
-        run = cls(path)
-        run.plots.mkdir()
-        (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        return run
+        path = None
+        if jax.process_index() == 0:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            base = Path(out_dir) / f"{experiment}-{stamp}"
+            path, n = base, 1
+            while path.exists():
+                n += 1
+                path = base.with_name(f"{base.name}-{n}")
+            (path / "plots").mkdir(parents=True)
+            (path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        return cls(Path(_from_process_0(str(path))))
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:
@@ -73,6 +79,8 @@ class RunDir:
 
     # metrics ---------------------------------------------------------------------------
     def log(self, record: dict) -> None:
+        if not self.primary:
+            return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
@@ -92,10 +100,14 @@ class RunDir:
 
     def keep_metrics_before(self, step: int) -> None:
         """Drops records of steps >= ``step`` (logged after the checkpoint we resume from)."""
+        if not self.primary:
+            return
         kept = [r for r in self.metrics() if r["step"] < step]
         self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write_summary(self, summary: dict) -> None:
+        if not self.primary:
+            return
         text = json.dumps(_jsonable(summary), indent=2)
         (self.path / "summary.json").write_text(text + "\n")
 
@@ -103,14 +115,26 @@ class RunDir:
     @property
     def checkpoints(self) -> ocp.CheckpointManager:
         if self._checkpoints is None:
-            options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-            self._checkpoints = ocp.CheckpointManager(
-                (self.path / "checkpoints").absolute(), options=options
+            me = jax.process_index()  # each process reads alone; process 0 alone writes
+            folder = (self.path / "checkpoints").absolute()
+            if self.primary:
+                folder.mkdir(exist_ok=True)
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=2,
+                create=False,
+                enable_async_checkpointing=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me}
+                ),
             )
+            self._checkpoints = ocp.CheckpointManager(folder, options=options)
         return self._checkpoints
 
     def save(self, step: int, state) -> None:
-        self.checkpoints.save(step, args=ocp.args.StandardSave(_storable(state)), force=True)
+        if not self.primary:
+            return
+        host = jax.device_get(_storable(state))  # identical on every process
+        self.checkpoints.save(step, args=ocp.args.StandardSave(host), force=True)
         self.checkpoints.wait_until_finished()
 
     def latest_step(self) -> int | None:
@@ -120,7 +144,9 @@ class RunDir:
         """The latest checkpoint, in the structure (and key types) of ``template``."""
         step = self.latest_step()
         stored = _storable(template)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, stored)
+        abstract = jax.tree.map(
+            lambda x: np.zeros(np.shape(x), x.dtype), jax.device_get(stored)
+        )  # host arrays: no device placement to agree on across processes
         restored = self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
         leaves = jax.tree.leaves(restored)
         return step, jax.tree.map(
@@ -130,6 +156,18 @@ class RunDir:
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.close()
+
+
+def _from_process_0(text: str) -> str:
+    """``text`` as process 0 has it (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return text
+    buf = np.zeros(1024, np.uint8)
+    if jax.process_index() == 0:
+        raw = np.frombuffer(text.encode(), np.uint8)
+        buf[: raw.size] = raw
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return bytes(out).rstrip(b"\0").decode()
 
 
 def _is_key(x) -> bool:
@@ -151,7 +189,8 @@ class Progress:
     """A one-line progress bar on stderr: step, current outer loss, seconds per step."""
 
     def __init__(self, total: int, start: int = 0, quiet: bool = False, width: int = 30):
-        self.total, self.done, self.quiet, self.width = total, start, quiet, width
+        self.total, self.done, self.width = total, start, width
+        self.quiet = quiet or jax.process_index() != 0
         self.last = time.perf_counter()
 
     def update(self, **shown) -> None:

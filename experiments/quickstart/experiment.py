@@ -67,12 +67,6 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    checkpoint_every: int = field(default=10, metadata=bounds(ge=1))
-    out_dir: str = "runs"
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     experiment: Literal["quickstart"] = "quickstart"
     seed: int = 0
@@ -82,7 +76,7 @@ class Config:
     hparams: HparamConfig = HparamConfig()
     outer: OuterConfig = OuterConfig()
     eval: EvalConfig = EvalConfig()
-    run: RunConfig = RunConfig()
+    run: common.RunConfig = common.RunConfig()
 
 
 def optimizer_hparams(momentum: float):
@@ -113,6 +107,7 @@ def build(cfg: Config) -> Experiment:
         inner_loss=lambda p, h, b: common.cross_entropy(p, b),
         outer_loss=lambda p, h, b: common.cross_entropy(p, b),
     )
+    problem = common.maybe_data_parallel(problem, cfg.run)
     run = hg.InnerRun(
         hg.optim.sgd_momentum(clip=cfg.inner.clip),
         cfg.inner.num_steps,
@@ -158,7 +153,6 @@ def build(cfg: Config) -> Experiment:
             evals = [jax.device_get(evaluate(h, s)) for s in seeds]
             results[name] = {k: float(np.mean([e[k] for e in evals])) for k in evals[0]}
             results[name] |= {f"{k}_std": float(np.std([e[k] for e in evals])) for k in evals[0]}
-        write_plots(rundir, hparams0, state.hparams, cfg.inner.num_steps)
         summary = {
             "experiment": "quickstart",
             "outer_steps": int(state.step),
@@ -168,7 +162,9 @@ def build(cfg: Config) -> Experiment:
             "learned_weight_decay": float(np.exp(state.hparams["log_weight_decay"])),
             "eval_seeds": len(seeds),
         }
-        print_table(summary, rundir)
+        if rundir.primary:  # every process evaluated (SPMD); one writes and prints
+            write_plots(rundir, hparams0, state.hparams, cfg.inner.num_steps)
+            print_table(summary, rundir)
         return summary
 
     return Experiment(cfg.outer.num_steps, init_state, step, finish, cfg.run.checkpoint_every)
