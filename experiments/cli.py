@@ -24,6 +24,7 @@ from experiments.rundir import RunDir
 # experiment name -> module with ``Config`` (a dataclass) and ``build(config) -> Experiment``
 EXPERIMENTS = {
     "quickstart": "experiments.quickstart.experiment",
+    "fds_noise": "experiments.fds.noise",
 }
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "quickstart.yaml"

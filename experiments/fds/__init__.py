@@ -1,0 +1,1 @@
+"""FDS reproductions: forward-mode hypergradients with hyperparameter sharing (ALGORITHMS.md §2)."""
