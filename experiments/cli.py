@@ -25,6 +25,8 @@ from experiments.rundir import RunDir
 EXPERIMENTS = {
     "quickstart": "experiments.quickstart.experiment",
     "fds_noise": "experiments.fds.noise",
+    "fds_memory": "experiments.fds.memory",
+    "fds_schedules": "experiments.fds.schedules",
 }
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "quickstart.yaml"

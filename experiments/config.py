@@ -141,7 +141,10 @@ def from_dict(cls, data: dict, source: str = "<config>", prefix: str = ""):
                     f", got {data[name]!r}"
                 )
         values[name] = value
-    return cls(**values)
+    try:
+        return cls(**values)  # cross-field checks live in the dataclass's __post_init__
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def to_dict(config) -> dict:

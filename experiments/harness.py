@@ -49,7 +49,7 @@ def execute(exp: Experiment, run: RunDir, *, quiet: bool = False, resume: bool =
         state, metrics = exp.step(state)
         metrics = jax.device_get(metrics)
         run.log({"step": i, **metrics, "time_s": time.perf_counter() - t0})
-        progress.update(outer_loss=float(metrics["outer_loss"]))
+        progress.update(**{k: float(metrics[k]) for k in ("outer_loss",) if k in metrics})
         finished = i + 1 == exp.num_steps or (exp.done is not None and bool(exp.done(state)))
         if (i + 1) % exp.checkpoint_every == 0 or finished:
             run.save(i + 1, state)

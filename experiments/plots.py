@@ -19,6 +19,7 @@ def curves(
     ylabel: str,
     title: str = "",
     logy: bool = False,
+    logx: bool = False,
     step: bool = False,
 ) -> Path:
     """One figure with a line per ``name -> (x, y)`` in ``series``."""
@@ -31,6 +32,8 @@ def curves(
     ax.set_ylabel(ylabel)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     if title:
         ax.set_title(title)
     if len(series) > 1:

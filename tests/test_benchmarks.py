@@ -1,13 +1,21 @@
-"""The benchmark scripts run (smoke test, results to a temporary folder; nothing timed)."""
+"""The benchmark scripts run (smoke test, results to a temporary folder; nothing timed).
+
+Marked slow (~45 s, compile-bound): outside the default run and CI, which the compiled-
+memory checks of tests/test_memory.py and tests/test_fds_memory.py cover. Run it with
+``python -m pytest -m slow``.
+"""
 
 import json
 import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_estimators_benchmark_quick(tmp_path):
     result = subprocess.run(
         [

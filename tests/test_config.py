@@ -27,7 +27,7 @@ def no_build(monkeypatch):
         ("outer.estimator=magic", "outer.estimator: expected one of 'forward', 'unrolled'"),
         ("data.name=cifar10", "data.name: expected one of 'digits', 'breast_cancer', 'mnist1d'"),
         ("model.hidden=[8, x]", "model.hidden[1]: expected int, got 'x'"),
-        ("experiment=nope", "experiment: unknown experiment 'nope'; allowed: ['fds_noise', 'q"),
+        ("experiment=nope", "unknown experiment 'nope'; allowed: ['fds_memory', 'fds_noise'"),
         ("data=3", "data: expected a mapping with keys"),
     ],
 )
@@ -57,6 +57,12 @@ def test_missing_files_presets_and_overrides(capsys, no_build, tmp_path):
     assert "top level: expected a mapping" in capsys.readouterr().err
     assert cli.main(["run", "--resume", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_cross_field_checks_name_the_file(capsys):
+    assert cli.main(["run", "fds_noise", "--set", "noise.widths=[1, 3]"]) == 2
+    err = capsys.readouterr().err
+    assert "configs/fds_noise.yaml: noise.widths: [3] do not divide inner.num_steps" in err
 
 
 def test_every_config_validates_with_its_tiny_preset():
