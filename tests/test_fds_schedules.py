@@ -127,9 +127,14 @@ def test_training_scan_equals_hg_solve_on_block_schedules():
         "weight_decay": jnp.array([1e-3]),
     }
     expected = hg.solve(
-        schedules.PROBLEM, schedules.inner_run(T, 3.0), hg.Unrolled(), blocks, params0,
-        sampler, key=key,
-    )  # fmt: skip
+        schedules.PROBLEM,
+        schedules.inner_run(T, 3.0),
+        hg.Unrolled(),
+        blocks,
+        params0,
+        sampler,
+        key=key,
+    )
     per_step = {k: jnp.asarray(schedules.expand(v, T)) for k, v in blocks.items()}
     np.testing.assert_array_equal(schedules.expand(blocks["lr"], T)[:4], [0, 0, 0, 0.2])
     params, lrs, _ = schedules.train_run(per_step, 0.0, params0, sampler, key, T, 3.0)
@@ -182,3 +187,42 @@ def test_config_validation_and_presets(monkeypatch):
             assert config.hparams.init_lr == config.hparams.init_momentum == 0
         if preset == "digits":
             assert config.data.name == "digits" and config.data.num_samples is None
+
+
+def test_stretch_keeps_block_proportions():
+    values = np.array([3.0, 1.0, 2.0, 5.0])
+    # a block schedule over T = 8 replayed over 24 steps is the same blocks over 24 steps
+    np.testing.assert_array_equal(
+        schedules.stretch(schedules.expand(values, 8), 24), schedules.expand(values, 24)
+    )
+    np.testing.assert_array_equal(schedules.stretch(np.full((2, 5), 0.3), 7), np.full((2, 7), 0.3))
+    np.testing.assert_array_equal(schedules.stretch(np.arange(4.0), 2), [0.0, 2.0])
+
+
+def test_retrain_at_a_longer_horizon(tmp_path):
+    # The final schedule is retrained from scratch over eval.num_steps = 2T: every method's
+    # schedule stretched (FDS's blocks keep their proportions), budgets still equal.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(cli.EXPERIMENTS, "fds_schedules", MODULE)
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main(
+                [
+                    "run",
+                    "fds_schedules",
+                    "--tiny",
+                    "--quiet",
+                    "--out",
+                    str(tmp_path),
+                    "--set",
+                    "eval.num_steps=80",
+                    "--set",
+                    "outer.num_steps=2",
+                ]
+            )
+    assert code == 0
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_steps"] == 40 and summary["eval_num_steps"] == 80
+    seeds = summary["eval_seeds"]
+    assert {r["final_inner_steps"] for r in summary["table"]} == {seeds * 80}
+    assert all(0 <= r["test_accuracy"] <= 1 for r in summary["table"])

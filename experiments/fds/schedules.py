@@ -32,9 +32,10 @@ Budget (counted in inner training steps). FDS used ``K`` outer steps of ``T`` in
 (``K`` = outer steps actually run): a search budget of ``K·T``. Each baseline gets
 ``R = K`` full training runs of ``T`` steps for its search (HD: ``R`` runs too), selects
 its setting on the full validation pool, and every method (FDS included) is then
-retrained from scratch ``eval.seeds`` times for ``T`` steps on the training data and
+retrained from scratch ``eval.seeds`` times for ``T`` steps (or ``eval.num_steps``, with
+every schedule stretched to that horizon: :func:`stretch`) on the training data and
 evaluated on the test data (the same seeds for every method: paired). So every method
-uses ``(K + eval.seeds)·T`` inner steps; the table reports them. (A forward-mode FDS step
+uses ``K·T + eval.seeds·T_eval`` inner steps; the table reports them. (A forward-mode FDS step
 costs ~``1 + |λ|`` times a plain step in compute; the budget counts steps, as the issue
 asks, and the wall-clock times are reported separately.)
 
@@ -151,6 +152,10 @@ class BaselineConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     seeds: int = field(default=3, metadata=bounds(ge=1))
+    # Horizon of the final retrain (None: the search horizon inner.num_steps). A different
+    # horizon stretches every schedule: FDS's blocks keep their proportions (block
+    # floor(N t / T_eval)), cosine is recomputed over T_eval, constants stay constant.
+    num_steps: int | None = field(default=None, metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +208,15 @@ def expand(values, num_steps: int) -> np.ndarray:
     n = values.shape[0]
     t = np.arange(num_steps)
     return values[np.minimum((n * t) // num_steps, n - 1)]
+
+
+def stretch(per_step, num_steps: int) -> np.ndarray:
+    """A per-step schedule ``(..., T)`` replayed over ``num_steps`` steps (step ``t`` takes
+    step ``floor(T t / num_steps)``): exact for constants and block schedules whose block
+    length divides ``T``."""
+    per_step = np.asarray(per_step)
+    length = per_step.shape[-1]
+    return per_step[..., np.minimum((length * np.arange(num_steps)) // num_steps, length - 1)]
 
 
 def cosine(peak, num_steps: int) -> np.ndarray:
@@ -406,15 +420,15 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
     sizes = (len(names) * runs, (len(names) + 1) * seeds)
     batch = max(sizes) if max(sizes) <= 2 * min(sizes) else None
 
-    def call(cands, keys):
+    def call(cands, keys, trainer=train, pad_to=batch):
         rows = {k: np.concatenate([c[k] for c in cands]) for k in (*HPARAMS, "beta")}
         n = len(rows["beta"])
-        pad = 0 if batch is None else batch - n
+        pad = 0 if pad_to is None else pad_to - n
         rows = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in rows.items()}
         keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad)])
         betas = jnp.asarray(rows.pop("beta"), fdt)
         scheds = {k: jnp.asarray(v, fdt) for k, v in rows.items()}
-        out = jax.device_get(train(scheds, betas, keys, sampler, val, test))
+        out = jax.device_get(trainer(scheds, betas, keys, sampler, val, test))
         return jax.tree.map(lambda x: np.asarray(x)[:n], out)
 
     t0 = time.perf_counter()
@@ -436,9 +450,16 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
         else:
             hd_choice = {"lr0": pairs[j][0], "beta": pairs[j][1]}
 
-    # --- final retrain from scratch on the same seeds for every method (one call).
+    # --- final retrain from scratch on the same seeds for every method (one call), over
+    # the retrain horizon: schedules stretched to it if it differs from the search's.
     learned = jax.device_get(state.hparams)
-    chosen["fds"] = {k: expand(learned[k], T) for k in HPARAMS} | {"beta": 0.0}
+    t_eval = cfg.eval.num_steps or T
+    chosen = {
+        n: {k: v if k == "beta" else stretch(v, t_eval) for k, v in c.items()}
+        for n, c in chosen.items()
+    }
+    chosen["cosine"]["lr"] = cosine(cos_peak, t_eval)
+    chosen["fds"] = {k: expand(learned[k], t_eval) for k in HPARAMS} | {"beta": 0.0}
     final_names = ["fds", *names]
     tiled = [
         {k: np.tile(chosen[n][k], (seeds, 1) if k != "beta" else seeds) for k in chosen[n]}
@@ -446,7 +467,12 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
     ]
     eval_keys = _keys(cfg.seed + 10_000, seeds)
     t0 = time.perf_counter()
-    final, final_lrs = call(tiled, jnp.concatenate([eval_keys] * len(final_names)))
+    final_keys = jnp.concatenate([eval_keys] * len(final_names))
+    if t_eval == T:
+        final, final_lrs = call(tiled, final_keys)
+    else:  # another horizon: another program
+        trainer = make_trainer(t_eval, cfg.inner.clip, reinit)
+        final, final_lrs = call(tiled, final_keys, trainer, None)
     eval_s = time.perf_counter() - t0
 
     per_seed = {}
@@ -469,8 +495,8 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
                 "search_val_accuracy": search_val[m],
                 "test_accuracy_per_seed": s["test_accuracy"].tolist(),
                 "search_inner_steps": search_steps[m],
-                "final_inner_steps": seeds * T,
-                "inner_steps": search_steps[m] + seeds * T,
+                "final_inner_steps": seeds * t_eval,
+                "inner_steps": search_steps[m] + seeds * t_eval,
             }
         )
     fds_test = per_seed["fds"]["test_accuracy"]
@@ -485,6 +511,7 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
         "experiment": "fds_schedules",
         "dataset": cfg.data.name,
         "num_steps": T,
+        "eval_num_steps": t_eval,
         "outer_steps": outer_steps,
         "converged": bool(
             hg.outer.sign_adaptive_converged(state.opt_state, state.hparams, cfg.outer.tolerance)
@@ -501,8 +528,8 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
         "cosine_peak": cos_peak,
         "random_search_choice": chosen_setting,
         "greedy_hd_choice": hd_choice,
-        "greedy_hd_lr_trajectory": np.asarray(hd_lrs)[:: max(T // 200, 1)].tolist(),
-        "greedy_hd_lr_trajectory_stride": max(T // 200, 1),
+        "greedy_hd_lr_trajectory": np.asarray(hd_lrs)[:: max(t_eval // 200, 1)].tolist(),
+        "greedy_hd_lr_trajectory_stride": max(t_eval // 200, 1),
         "baseline_momentum": b.momentum,
         "baseline_weight_decay": b.weight_decay,
         "search_time_s": search_s,
@@ -597,7 +624,7 @@ def print_table(summary, rundir):
     print(
         f"\n{summary['dataset']}, T = {summary['num_steps']}: FDS ran {summary['outer_steps']} "
         f"outer steps (stopped by {stop}); each baseline searched {summary['search_runs']} "
-        f"full runs; all retrained on {n} seeds (paired)."
+        f"full runs; all retrained on {n} seeds (paired) for T = {summary['eval_num_steps']}."
     )
     print(
         f"{'method':<16}{'test acc':>17}{'val acc':>17}{'search val':>12}{'inner steps':>13}"
