@@ -159,3 +159,57 @@ class LU(NamedTuple):
     def run(self, matvec, b, x0=None):
         del x0
         return _dense_run(matvec, b, jnp.linalg.solve)
+
+
+# --------------------------------------------------------------------------- Fisher inverse
+# NHGD (ALGORITHMS.md §3) keeps A ≈ F⁻¹, the inverse of an empirical Fisher estimate built
+# from the inner loop's own gradients, updated in O(d²) per sample instead of inverting.
+
+
+class FisherInverse(NamedTuple):
+    inverse: jax.Array  # float[d, d]: A ≈ F⁻¹ (symmetric positive definite)
+    count: jax.Array  # int32[]: updates so far (the running mean's weights use it)
+
+
+def fisher_init(dim: int, damping: float, dtype=None) -> FisherInverse:
+    """``A_0 = I / damping``: the inverse of the prior ``F_0 = damping · I``."""
+    if damping <= 0:
+        raise ValueError(f"damping: expected > 0, got {damping}")
+    eye = jnp.eye(dim, dtype=dtype or jnp.result_type(float))
+    return FisherInverse(eye / damping, jnp.zeros((), jnp.int32))
+
+
+def _sherman_morrison(a, u, keep, add):
+    """``(keep · A⁻¹ + add · u uᵀ)⁻¹`` from ``A``:
+    ``[A − add (Au)(Au)ᵀ / (keep + add uᵀAu)] / keep``."""
+    au = a @ u
+    return (a - add * jnp.outer(au, au) / (keep + add * (u @ au))) / keep
+
+
+def fisher_ema_update(state: FisherInverse, u: jax.Array, beta) -> FisherInverse:
+    """EMA Fisher ``F' = β F + (1−β) u uᵀ``; its inverse by Sherman–Morrison::
+
+    A' = (1/β) [A − (1−β)(Au)(Au)ᵀ / (β + (1−β) uᵀAu)]
+    """
+    return FisherInverse(_sherman_morrison(state.inverse, u, beta, 1 - beta), state.count + 1)
+
+
+def fisher_mean_update(state: FisherInverse, u: jax.Array) -> FisherInverse:
+    """Running mean with the prior as one pseudo-sample: after ``t`` updates
+    ``F_t = (F_0 + Σ_s u_s u_sᵀ) / (t + 1)``, i.e. ``F' = (1−c) F + c u uᵀ`` with
+    ``c = 1 / (t + 2)``; its inverse by Sherman–Morrison."""
+    c = 1.0 / (state.count + 2).astype(state.inverse.dtype)
+    return FisherInverse(_sherman_morrison(state.inverse, u, 1 - c, c), state.count + 1)
+
+
+def fisher_ema_update_batch(state: FisherInverse, us: jax.Array, beta) -> FisherInverse:
+    """EMA with a batch of ``B`` samples (rows of ``us``, e.g. per-sample gradients from
+    ``vmap(grad)``): ``F' = β F + (1−β)/B · UᵀU``, inverted with one rank-``B`` Woodbury
+    update (a ``B × B`` solve)::
+
+        A' = (1/β) [A − A Uᵀ (β B/(1−β) I + U A Uᵀ)⁻¹ U A]
+    """
+    a, b = state.inverse, us.shape[0]
+    ua = us @ a  # (B, d); A is symmetric so U A = (A Uᵀ)ᵀ
+    inner = (beta * b / (1 - beta)) * jnp.eye(b, dtype=a.dtype) + ua @ us.T
+    return FisherInverse((a - ua.T @ jnp.linalg.solve(inner, ua)) / beta, state.count + 1)
