@@ -5,7 +5,7 @@ grad, info = hg.hypergradient(problem, run, hg.Implicit(), hparams, params0,
                               inner_data, outer_data)
 """
 
-from hypergrad_jax import data, linalg, optim, outer, parallel, testing
+from hypergrad_jax import data, linalg, optim, outer, parallel, stochastic, testing
 from hypergrad_jax.api import (
     HypergradientError,
     Info,
@@ -46,5 +46,6 @@ __all__ = [
     "parallel",
     "raise_if_failed",
     "solve",
+    "stochastic",
     "testing",
 ]

@@ -202,6 +202,17 @@ def fisher_mean_update(state: FisherInverse, u: jax.Array) -> FisherInverse:
     return FisherInverse(_sherman_morrison(state.inverse, u, 1 - c, c), state.count + 1)
 
 
+def _woodbury(a, us, keep, add):
+    """``(keep · A⁻¹ + add/B · UᵀU)⁻¹`` from ``A`` with one ``B × B`` solve::
+
+    [A − A Uᵀ (keep·B/add · I + U A Uᵀ)⁻¹ U A] / keep
+    """
+    b = us.shape[0]
+    ua = us @ a  # (B, d); A is symmetric so U A = (A Uᵀ)ᵀ
+    inner = (keep * b / add) * jnp.eye(b, dtype=a.dtype) + ua @ us.T
+    return (a - ua.T @ jnp.linalg.solve(inner, ua)) / keep
+
+
 def fisher_ema_update_batch(state: FisherInverse, us: jax.Array, beta) -> FisherInverse:
     """EMA with a batch of ``B`` samples (rows of ``us``, e.g. per-sample gradients from
     ``vmap(grad)``): ``F' = β F + (1−β)/B · UᵀU``, inverted with one rank-``B`` Woodbury
@@ -209,7 +220,11 @@ def fisher_ema_update_batch(state: FisherInverse, us: jax.Array, beta) -> Fisher
 
         A' = (1/β) [A − A Uᵀ (β B/(1−β) I + U A Uᵀ)⁻¹ U A]
     """
-    a, b = state.inverse, us.shape[0]
-    ua = us @ a  # (B, d); A is symmetric so U A = (A Uᵀ)ᵀ
-    inner = (beta * b / (1 - beta)) * jnp.eye(b, dtype=a.dtype) + ua @ us.T
-    return FisherInverse((a - ua.T @ jnp.linalg.solve(inner, ua)) / beta, state.count + 1)
+    return FisherInverse(_woodbury(state.inverse, us, beta, 1 - beta), state.count + 1)
+
+
+def fisher_mean_update_batch(state: FisherInverse, us: jax.Array) -> FisherInverse:
+    """Running mean of per-update batch Fishers: ``F' = (1−c) F + c/B · UᵀU``, ``c = 1/(t+2)``
+    (the prior counts as one update), inverted with one rank-``B`` Woodbury update."""
+    c = 1.0 / (state.count + 2).astype(state.inverse.dtype)
+    return FisherInverse(_woodbury(state.inverse, us, 1 - c, c), state.count + 1)

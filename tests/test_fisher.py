@@ -39,6 +39,19 @@ def test_woodbury_batch_update_equals_direct_inversion(getkey):
         np.testing.assert_allclose(state.inverse, jnp.linalg.inv(f), rtol=1e-10, atol=1e-12)
 
 
+def test_woodbury_mean_update_equals_direct_inversion(getkey):
+    d, rho, b = 7, 0.3, 4
+    state = linalg.fisher_init(d, rho)
+    f_sum = rho * jnp.eye(d)
+    for t in range(5):
+        us = samples(getkey(), b, d)
+        state = linalg.fisher_mean_update_batch(state, us)
+        f_sum = f_sum + us.T @ us / b
+        np.testing.assert_allclose(
+            state.inverse, jnp.linalg.inv(f_sum / (t + 2)), rtol=1e-10, atol=1e-12
+        )
+
+
 def test_information_matrix_equality_on_a_well_specified_logistic_model(getkey):
     # At the true parameters of a well-specified model, E[∇ℓ ∇ℓᵀ] = E[∇²ℓ]: the empirical
     # Fisher converges to the Hessian like 1/sqrt(n).

@@ -1,0 +1,246 @@
+"""Block-diagonal Kronecker-factored (K-FAC) online Fisher inverse for NHGD (ALGORITHMS.md §3).
+
+A dense Fisher inverse costs O(|θ|²) memory and O(|θ|² B) per update; for a neural network
+that is out of reach. ``KFACFisher`` keeps, for every dense layer ``s = a·W + b``
+(``W: [din, dout]``, ``b: [dout]``, row-vector convention ``x @ w + b``), two small factors and
+treats the Fisher as block diagonal over layers (cross-layer blocks are dropped).
+
+**Kronecker factorisation.** One sample's gradient of a dense layer is rank one::
+
+    ∂W = a δᵀ,   ∂b = δ,   i.e.  G = [∂W; ∂bᵀ] = ā δᵀ   with  ā = [a; 1]  (din+1),
+
+where ``a`` is the layer's input and ``δ = ∂loss/∂s`` its back-propagated signal. With the
+row-major ``vec`` (``vec(G)[k·dout + j] = G[k, j]``, i.e. ``G.reshape(-1)``),
+``vec(ā δᵀ) = ā ⊗ δ``, so the layer's Fisher block is::
+
+    F_layer = E[(ā ⊗ δ)(ā ⊗ δ)ᵀ] = E[ā āᵀ ⊗ δ δᵀ]  ≈  E[ā āᵀ] ⊗ E[δ δᵀ] = Ā ⊗ S.
+
+The approximation **assumes ā and δ independent** (more precisely, that ``ā āᵀ`` and ``δ δᵀ``
+are uncorrelated); it is exact when either is deterministic (e.g. a constant input, or a
+softmax output whose ``δ δᵀ`` does not depend on the input in expectation) and otherwise only
+an approximation. Its inverse is ``Ā⁻¹ ⊗ S⁻¹``, which acts on a layer's gradient block as::
+
+    (Ā⁻¹ ⊗ S⁻¹) vec(G) = vec(Ā⁻¹ G S⁻¹)        (Ā, S symmetric).
+
+**Recovering a and δ from per-sample gradients.** The curvature protocol gets per-sample
+gradients only, not activations. Since ``∂W_i = a_i δ_iᵀ`` and ``∂b_i = δ_i``::
+
+    δ_i = ∂b_i,      a_i = ∂W_i δ_i / |δ_i|²      (exact whenever ∂W_i is rank one).
+
+A sample with ``|δ_i|² ≤ DELTA_SQ_FLOOR = 1e-30`` (absolute) carries no curvature information
+for that layer (e.g. a dead ReLU layer, or a saturated loss), and its ``a_i`` would be rounding
+noise: ``∂W_i δ_i`` is of order ``|a_i| |δ_i|²`` and is subnormal in float32 once that is below
+~1e-38. Such samples get zero weight in ``Ā``'s batch estimate (renormalised over the rest); if
+no sample of the batch is valid, ``Ā`` is left unchanged. ``S``'s estimate always averages all
+``B`` samples (a zero ``δ_i`` contributes the exact outer product zero).
+
+**Online inverses.** The state holds ``Ā⁻¹`` and ``S⁻¹`` (never the factors), updated per batch
+like ``linalg.fisher_*_update_batch``: with batch estimates ``Â = Σ_i w_i ā_i ā_iᵀ``
+(``Σ w_i = 1``) and ``Ŝ = (1/B) Σ_i δ_i δ_iᵀ``::
+
+    EMA  ("ema"):  X' = β X + (1−β) X̂
+    mean ("mean"): X' = (1−c) X + c X̂,  c = 1/(count + 2)   (the prior counts as one update)
+
+each inverted with a rank-``B`` Woodbury update (a ``B × B`` solve) when ``B < dim``, and with
+the equivalent ``dim × dim`` solve ``X'⁻¹ = (keep·I + X⁻¹ M)⁻¹ X⁻¹`` (``M`` the added term)
+otherwise; both are exact in exact arithmetic, the results are symmetrised. The weighted
+``Â`` uses the rows ``√(B w_i) ā_i`` so that ``(1/B) UᵀU = Σ w_i ā_i ā_iᵀ``.
+
+**Damping.** The prior is ``F_0 = damping · I`` for every layer block, i.e. each factor starts
+at ``√damping · I`` (so ``Ā_0 ⊗ S_0 = damping · I``). Under the EMA the prior decays like
+``β^t``, under the running mean like ``1/(t+1)``; it is *not* re-added at every step.
+
+**Cost.** Memory ``O(Σ_layers (din+1)² + dout²)`` instead of ``O(|θ|²)``; an update costs
+``O(Σ B (din+1)² + B dout² + min(B, dim)³)`` per layer, ``apply`` costs
+``O(Σ (din+1)² dout + (din+1) dout²)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hypergrad_jax.linalg import _woodbury
+
+PyTree = Any
+
+DELTA_SQ_FLOOR = 1e-30  # |δ_i|² at or below this: sample i carries no information on ā
+
+
+class KFACState(NamedTuple):
+    a_inv: tuple[jax.Array, ...]  # per layer float[din+1, din+1]: Ā⁻¹ (symmetric positive definite)
+    s_inv: tuple[jax.Array, ...]  # per layer float[dout, dout]: S⁻¹ (symmetric positive definite)
+    count: jax.Array  # int32[]: updates so far (the running mean's weights use it)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def recover_rank_one(dw: jax.Array, db: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Layer inputs and back-propagated signals from per-sample dense-layer gradients.
+
+    ``dw: [B, din, dout]``, ``db: [B, dout]`` with ``dw_i = a_i δ_iᵀ``, ``db_i = δ_i``. Returns
+    ``(a, δ, valid)``: ``a_i = dw_i δ_i / |δ_i|²`` ``[B, din]``, ``δ = db`` ``[B, dout]`` and
+    ``valid_i = |δ_i|² > DELTA_SQ_FLOOR`` ``bool[B]`` (``a_i = 0`` where not valid).
+    """
+    sq = jnp.sum(db * db, axis=-1)
+    valid = sq > DELTA_SQ_FLOOR
+    safe = jnp.where(valid, sq, 1.0)
+    a = jnp.einsum("bij,bj->bi", dw, db) / safe[:, None]
+    return jnp.where(valid[:, None], a, 0.0), db, valid
+
+
+def _augment(a: jax.Array) -> jax.Array:
+    """``ā = [a; 1]`` per row: ``[B, din] -> [B, din+1]``."""
+    return jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
+
+
+def _weighted_rows(abar: jax.Array, valid: jax.Array) -> jax.Array:
+    """Rows ``u_i = √(B w_i) ā_i`` with ``w_i = valid_i / #valid``, so that
+    ``(1/B) UᵀU = Σ_i w_i ā_i ā_iᵀ``; all zero when no sample is valid."""
+    b = abar.shape[0]
+    n = jnp.maximum(jnp.sum(valid), 1).astype(abar.dtype)
+    scale = jnp.where(valid, jnp.sqrt(b / n), 0.0).astype(abar.dtype)
+    return abar * scale[:, None]
+
+
+def _inverse_update(x_inv: jax.Array, us: jax.Array, keep, add) -> jax.Array:
+    """``(keep · X + add/B · UᵀU)⁻¹`` from ``X⁻¹`` (``U: [B, d]``), symmetrised.
+
+    ``B < d``: Woodbury, one ``B × B`` solve (``linalg._woodbury``). Otherwise the ``d × d``
+    solve ``(keep·I + X⁻¹ M)⁻¹ X⁻¹`` with ``M = add/B · UᵀU``, which needs no factor ``X``.
+    """
+    b, d = us.shape
+    if b < d:
+        new = _woodbury(x_inv, us, keep, add)
+    else:
+        m = (add / b) * (us.T @ us)
+        new = jnp.linalg.solve(keep * jnp.eye(d, dtype=x_inv.dtype) + x_inv @ m, x_inv)
+    return 0.5 * (new + new.T)
+
+
+def _split(layer_block: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[din+1, dout] -> (w [din, dout], b [dout])``: the bias is the last row."""
+    return layer_block[:-1], layer_block[-1]
+
+
+def _stack(w: jax.Array, b: jax.Array) -> jax.Array:
+    """``G = [w; bᵀ]``: ``(w [din, dout], b [dout]) -> [din+1, dout]``."""
+    return jnp.concatenate([w, b[None, :]], axis=0)
+
+
+# --------------------------------------------------------------------------- the curvature
+
+
+class KFACFisher(NamedTuple):
+    """Block-diagonal K-FAC Fisher inverse over the dense layers of an MLP (see module doc).
+
+    ``layers`` lists ``(weight key, bias key)`` per dense layer of a *flat dict* of params
+    (``w: [din, dout]``, ``b: [dout]``, ``x @ w + b``); together they must cover every leaf.
+    ``average``: ``"ema"`` (factor ``β``) or ``"mean"`` (running mean, the prior counting as one
+    update). ``damping``: prior ``F_0 = damping · I`` per block (each factor ``√damping · I``).
+    """
+
+    layers: tuple[tuple[str, str], ...]
+    average: str = "ema"
+    beta: float = 0.95
+    damping: float = 1e-3
+
+    @property
+    def per_sample(self) -> bool:
+        """Needs per-sample gradients (the rank-one structure recovers ``a_i`` and ``δ_i``)."""
+        return True
+
+    # ---------------------------------------------------------------- validation
+
+    def _check_options(self) -> None:
+        if self.average not in ("ema", "mean"):
+            raise ValueError(f"average: expected 'ema' or 'mean', got {self.average!r}")
+        if self.average == "ema" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta: expected 0 < beta < 1, got {self.beta}")
+        if not self.damping > 0:
+            raise ValueError(f"damping: expected > 0, got {self.damping}")
+
+    def _check_layers(self, params: PyTree) -> None:
+        if not isinstance(params, dict):
+            raise ValueError(
+                f"layers: KFACFisher needs params as a flat dict of dense layers, "
+                f"got {type(params).__name__}"
+            )
+        if not self.layers:
+            raise ValueError("layers: expected at least one (weight key, bias key) pair")
+        if any(not (isinstance(p, tuple | list) and len(p) == 2) for p in self.layers):
+            raise ValueError(f"layers: expected (weight key, bias key) pairs, got {self.layers}")
+        named = [k for pair in self.layers for k in pair]
+        dup = sorted({k for k in named if named.count(k) > 1})
+        missing = sorted(set(params) - set(named), key=str)
+        extra = sorted(set(named) - set(params), key=str)
+        if dup or missing or extra:
+            raise ValueError(
+                f"layers must name every leaf of params exactly once: "
+                f"missing {missing}, extra {extra}, repeated {dup}"
+            )
+        for wk, bk in self.layers:
+            w, b = jnp.shape(params[wk]), jnp.shape(params[bk])
+            if len(w) != 2 or b != w[1:]:
+                raise ValueError(
+                    f"layers: ({wk!r}, {bk!r}) is not a dense layer: expected "
+                    f"{wk}: [din, dout] and {bk}: [dout], got shapes {w} and {b}"
+                )
+
+    # ---------------------------------------------------------------- protocol
+
+    def init(self, params: PyTree) -> KFACState:
+        """``Ā⁻¹_0 = I/√damping`` (``din+1``) and ``S⁻¹_0 = I/√damping`` (``dout``) per layer."""
+        self._check_options()
+        self._check_layers(params)
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.result_type(float)
+        scale = 1.0 / jnp.sqrt(jnp.asarray(self.damping, dtype))
+        a_inv, s_inv = [], []
+        for wk, _ in self.layers:
+            din, dout = jnp.shape(params[wk])
+            a_inv.append(scale * jnp.eye(din + 1, dtype=dtype))
+            s_inv.append(scale * jnp.eye(dout, dtype=dtype))
+        return KFACState(tuple(a_inv), tuple(s_inv), jnp.zeros((), jnp.int32))
+
+    def _weights(self, state: KFACState):
+        """``(keep, add)`` of ``X' = keep·X + add·X̂`` for this update."""
+        if self.average == "ema":
+            return self.beta, 1.0 - self.beta
+        c = 1.0 / (state.count + 2).astype(state.s_inv[0].dtype)
+        return 1.0 - c, c
+
+    def update(self, state: KFACState, grad: PyTree, per_sample_grads: PyTree) -> KFACState:
+        """One batch: recover ``(ā_i, δ_i)`` per layer, update ``Ā⁻¹`` and ``S⁻¹`` (module doc).
+
+        ``grad`` (the minibatch mean gradient) is unused; ``per_sample_grads`` is params-like
+        with a leading batch axis ``B``.
+        """
+        del grad
+        keep, add = self._weights(state)
+        a_inv, s_inv = [], []
+        for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
+            dw, db = per_sample_grads[wk], per_sample_grads[bk]
+            if dw.ndim != 3 or db.ndim != 2 or dw.shape[::2] != db.shape:
+                raise ValueError(
+                    f"per_sample_grads: ({wk!r}, {bk!r}) expected [B, din, dout] and [B, dout], "
+                    f"got {dw.shape} and {db.shape}"
+                )
+            a, delta, valid = recover_rank_one(dw.astype(ai.dtype), db.astype(si.dtype))
+            new_a = _inverse_update(ai, _weighted_rows(_augment(a), valid), keep, add)
+            a_inv.append(jnp.where(jnp.any(valid), new_a, ai))
+            s_inv.append(_inverse_update(si, delta, keep, add))
+        return KFACState(tuple(a_inv), tuple(s_inv), state.count + 1)
+
+    def apply(self, state: KFACState, tree: PyTree) -> PyTree:
+        """``A · tree`` with ``A = blockdiag(Ā⁻¹ ⊗ S⁻¹)``: per layer ``G ↦ Ā⁻¹ G S⁻¹`` with
+        ``G = [w-part; b-part as last row]``."""
+        out = {}
+        for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
+            w, b = _split(ai @ _stack(tree[wk], tree[bk]) @ si)
+            out[wk], out[bk] = w, b
+        return out
