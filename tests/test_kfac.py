@@ -69,7 +69,7 @@ def test_recovery_reproduces_layer_inputs_and_backprop_signals(getkey):
     d0, d1 = jax.vmap(jax.grad(mlp_loss, argnums=(3, 4)), (None, 0, 0, 0, 0))(
         params, x, y, zeros0, zeros1
     )
-    inputs = (x, jnp.tanh(x @ params["w0"] + params["b0"]))
+    inputs = (x, jnp.tanh(x @ params["w0"] + params["b0"][None, :]))
     for (wk, bk), a_true, d_true in zip(LAYERS, inputs, (d0, d1)):
         a, d, valid = recover_rank_one(psg[wk], psg[bk])
         assert bool(jnp.all(valid))
@@ -226,7 +226,7 @@ def test_kfac_approximates_the_dense_fisher_inverse_of_softmax_regression(
         "w": logit_scale * jax.random.normal(getkey(), (din, k)),
         "b": 0.3 * jax.random.normal(getkey(), (k,)),
     }
-    y = jax.random.categorical(getkey(), x @ params["w"] + params["b"])
+    y = jax.random.categorical(getkey(), x @ params["w"] + params["b"][None, :])
 
     def loss(p, xi, yi):
         return -jax.nn.log_softmax(xi @ p["w"] + p["b"])[yi]

@@ -1,0 +1,2 @@
+"""NHGD against stochastic bilevel baselines (ALGORITHMS.md §3): hyper-cleaning,
+regularization, distillation."""

@@ -1,0 +1,45 @@
+"""What a comparison task provides to the NHGD comparison runner (``compare.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import hypergrad_jax as hg
+
+PyTree = Any
+
+
+class Task(NamedTuple):
+    """A small bilevel problem every stochastic method is run on, with its evaluation.
+
+    Attributes:
+      name: short name for tables and plots (e.g. ``"hyper_cleaning/digits"``).
+      problem: the bilevel problem; its inner loss must be a mean over the batch's leading
+        (sample) axis (NHGD's per-sample Fisher options) and strongly convex in ``θ`` (the
+        exact reference is a Newton solve).
+      hparams, params: initial ``λ`` and ``θ``.
+      inner_data: minibatch sampler ``(key, step) -> batch`` of the inner (training) data.
+      outer_data: the outer batch, or ``key -> batch`` (a validation minibatch).
+      train: the full inner batch: the exact implicit hypergradient's inner data.
+      val: the full outer batch: the exact hypergradient's outer data.
+      evaluate: jittable ``(params, hparams) -> dict`` of scalar metrics; must contain
+        ``"val_loss"`` (the outer objective on the full validation data) and ``primary``.
+      primary: the headline metric, e.g. ``"test_acc"``.
+      kfac_layers: ``KFACFisher.layers`` for ``params`` (dense layers as (weight, bias) keys).
+      sample_weights: ``(hparams, batch) -> float[B]`` when the inner loss is a weighted
+        likelihood (``NHGD.sample_weights``), else ``None``.
+    """
+
+    name: str
+    problem: hg.BilevelProblem
+    hparams: PyTree
+    params: PyTree
+    inner_data: Callable
+    outer_data: PyTree | Callable
+    train: PyTree
+    val: PyTree
+    evaluate: Callable
+    primary: str
+    kfac_layers: tuple
+    sample_weights: Callable | None = None
