@@ -246,6 +246,10 @@ class NHGD(NamedTuple):
         likelihoods ``Σ w_i ℓ_i``: their Hessian is ``Σ w_i ∇²ℓ_i ≈ Σ w_i F_i`` while the
         gradients' second moment is ``Σ w_i² ∇ℓ_i∇ℓ_iᵀ``, so per-sample gradients are divided
         by ``√w_i`` before the Fisher update (per-sample Fishers only).
+      parallel: run the Fisher update on a second device, concurrently with the inner SGD
+        (the paper's parallel implementation; needs two devices): same numbers as the fused
+        loop, per-step critical path ``max(gradient, Fisher update) + transfer`` instead of
+        their sum. See :func:`_parallel_inner_loop`.
     """
 
     num_steps: int
@@ -253,6 +257,7 @@ class NHGD(NamedTuple):
     fisher: Any = DenseFisher()
     reset: bool = False
     sample_weights: Callable | None = None
+    parallel: bool = False
 
     def init(self, params, hparams):
         del hparams
@@ -264,10 +269,16 @@ class NHGD(NamedTuple):
                 "DenseFisher(samples='woodbury') or KFACFisher); the fisher given uses "
                 "the minibatch mean gradient"
             )
+        if self.parallel and jax.device_count() < 2:
+            raise ValueError(
+                f"NHGD.parallel: needs 2 devices, {jax.device_count()} available (on CPU set "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=2 before JAX starts, or "
+                "`hypergrad run ... --local-devices 2`)"
+            )
         return _init_state(params, self.fisher.init(params))
 
-    def fisher_step(self, problem, hparams, params, fisher_state, batch):
-        """The gradient of one inner step and the Fisher update it feeds."""
+    def samples(self, problem, hparams, params, batch):
+        """One inner step's gradient and its Fisher samples ``(u = √B ḡ, per-sample)``."""
         per = None
         if self.fisher.per_sample:
             per = _per_sample_grads(problem, params, hparams, batch)
@@ -279,25 +290,13 @@ class NHGD(NamedTuple):
         else:
             grad = jax.grad(problem.inner_loss)(params, hparams, batch)
         u = jax.tree.map(lambda g: g * math.sqrt(_batch_size(batch)), grad)
-        return grad, self.fisher.update(fisher_state, u, per)
+        return grad, (u, per)
 
     def step(self, problem, state, hparams, inner_data, outer_data, key):
         k_inner, _, k_outer = _keys(key)
         fisher = self.fisher.init(state.params) if self.reset else state.fisher
-
-        def body(carry, t):
-            params, fisher = carry
-            batch = batch_at(inner_data, k_inner, t)
-            grad, fisher = self.fisher_step(problem, hparams, params, fisher, batch)
-            return (tree_axpy(-self.lr, grad, params), fisher), None
-
-        steps = jnp.arange(self.num_steps, dtype=jnp.int32)
-        params, fisher = jax.lax.scan(body, (state.params, fisher), steps)[0]
-        return self.finish(problem, state, hparams, params, fisher, inner_data, outer_data, key)
-
-    def finish(self, problem, state, hparams, params, fisher, inner_data, outer_data, key):
-        """``ĥ`` at the inner loop's end point from the Fisher inverse it built."""
-        k_inner, _, k_outer = _keys(key)
+        loop = _parallel_inner_loop if self.parallel else _fused_inner_loop
+        params, fisher = loop(self, problem, hparams, state.params, fisher, inner_data, k_inner)
         value, f_theta, f_hparams = _outer_grads(
             problem, params, hparams, _outer_batch(outer_data, k_outer)
         )
@@ -306,6 +305,71 @@ class NHGD(NamedTuple):
         grad = _mixed_hypergradient(problem, params, hparams, batch, w, f_hparams)
         new = State(params, state.adjoint, fisher, state.step + 1)
         return new, grad, Stats(value, _oracles(grads=self.num_steps))
+
+
+def _fused_inner_loop(method, problem, hparams, params, fisher, inner_data, key):
+    """NHGD's inner loop on one device: each step's gradient moves ``θ`` and updates ``A``."""
+
+    def body(carry, t):
+        params, fisher = carry
+        batch = batch_at(inner_data, key, t)
+        grad, samples = method.samples(problem, hparams, params, batch)
+        fisher = method.fisher.update(fisher, *samples)
+        return (tree_axpy(-method.lr, grad, params), fisher), None
+
+    steps = jnp.arange(method.num_steps, dtype=jnp.int32)
+    return jax.lax.scan(body, (params, fisher), steps)[0]
+
+
+_ROLE = "nhgd_role"
+
+
+def _parallel_inner_loop(method, problem, hparams, params, fisher, inner_data, key):
+    """NHGD's inner loop on two devices, pipelined: at step ``t`` device 0 computes the
+    gradient at ``θ_t`` and steps ``θ``, while device 1 updates ``A`` with step ``t − 1``'s
+    Fisher samples; the samples then move 0 → 1 (``ppermute``). Device 1 applies the last
+    samples after the loop. The sequence of updates, hence every number, is the fused
+    loop's. Both devices run one SPMD program; ``lax.cond`` on the device index selects
+    each device's role at run time.
+    """
+    mesh = jax.make_mesh(
+        (2,), (_ROLE,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2]
+    )
+    probe = batch_at(inner_data, key, jnp.int32(0))
+    _, empty = jax.eval_shape(lambda: method.samples(problem, hparams, params, probe))
+    empty = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty)
+
+    def roles(params, fisher, hparams, key):
+        me = jax.lax.axis_index(_ROLE)
+
+        def optimize(carry, t):  # device 0
+            params, fisher, _ = carry
+            grad, samples = method.samples(problem, hparams, params, batch_at(inner_data, key, t))
+            return tree_axpy(-method.lr, grad, params), fisher, samples
+
+        def approximate(carry, t):  # device 1: the samples of step t − 1
+            params, fisher, inbox = carry
+            fisher = jax.lax.cond(
+                t > 0, lambda: method.fisher.update(fisher, *inbox), lambda: fisher
+            )
+            return params, fisher, inbox
+
+        def body(carry, t):
+            params, fisher, outbox = jax.lax.cond(me == 0, optimize, approximate, carry, t)
+            return (params, fisher, jax.lax.ppermute(outbox, _ROLE, [(0, 1)])), None
+
+        steps = jnp.arange(method.num_steps, dtype=jnp.int32)
+        params, fisher, inbox = jax.lax.scan(body, (params, fisher, empty), steps)[0]
+        fisher = method.fisher.update(fisher, *inbox)
+        # Each device keeps what it owns; hand it to both (a masked sum over the axis).
+        own = lambda x, owner: jax.lax.psum(jnp.where(me == owner, x, jnp.zeros_like(x)), _ROLE)  # noqa: E731
+        return jax.tree.map(lambda x: own(x, 0), params), jax.tree.map(lambda x: own(x, 1), fisher)
+
+    spec = jax.sharding.PartitionSpec()
+    run = jax.shard_map(
+        roles, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec), check_vma=False
+    )
+    return run(params, fisher, hparams, key)
 
 
 class StocBiO(NamedTuple):

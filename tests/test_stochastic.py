@@ -219,3 +219,10 @@ def test_bad_settings_raise_naming_the_field():
         st.NHGD(5, 0.1, st.DenseFisher(samples="all")).init(params, None)
     with pytest.raises(ValueError, match="NHGD.sample_weights"):
         st.NHGD(5, 0.1, sample_weights=lambda h, b: b["w"]).init(params, None)
+
+
+def test_parallel_nhgd_needs_two_devices():
+    if jax.device_count() >= 2:
+        pytest.skip("this process has two devices")
+    with pytest.raises(ValueError, match="NHGD.parallel: needs 2 devices"):
+        st.NHGD(5, 0.1, parallel=True).init(jnp.zeros(3), None)

@@ -1,0 +1,50 @@
+"""2 devices: NHGD with the Fisher update on the second device equals the fused loop.
+
+Run with XLA_FLAGS=--xla_force_host_platform_device_count=2; prints ``RESULT {json}`` with
+the relative error (max |a - b| / max |b|) of the hypergradient, end point and Fisher
+state after two outer steps, per Fisher variant.
+"""
+
+import importlib.util
+
+import jax
+from common import PROBLEM, emit, rel_err, sampler, setup
+
+from hypergrad_jax import stochastic as st
+
+
+def variants():
+    out = {
+        "dense_mean": st.DenseFisher(),
+        "dense_woodbury": st.DenseFisher(samples="woodbury", average="mean"),
+        "dense_sequential": st.DenseFisher(samples="sequential"),
+    }
+    if importlib.util.find_spec("hypergrad_jax.kfac") is not None:
+        from hypergrad_jax.kfac import KFACFisher
+
+        out["kfac"] = KFACFisher(layers=(("w", "b"),))
+    return out
+
+
+def main():
+    assert jax.device_count() == 2, jax.devices()
+    hparams, params0, inner, outer, key = setup()
+    errors = {}
+    for name, fisher in variants().items():
+        results = []
+        for parallel in (False, True):
+            method = st.NHGD(num_steps=6, lr=0.3, fisher=fisher, parallel=parallel)
+            step = jax.jit(
+                lambda s, k, m=method: m.step(PROBLEM, s, hparams, sampler(inner), outer, k)
+            )
+            state, out = method.init(params0, hparams), []
+            for k in jax.random.split(key, 2):  # the second step uses the carried Fisher
+                state, grad, _ = step(state, k)
+                out.append(grad)
+            results.append((out, state.params, state.fisher))
+        errors[name] = rel_err(results[1], results[0])
+    emit({"errors": errors})
+
+
+if __name__ == "__main__":
+    main()
