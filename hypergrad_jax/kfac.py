@@ -16,9 +16,10 @@ row-major ``vec`` (``vec(G)[k·dout + j] = G[k, j]``, i.e. ``G.reshape(-1)``),
     F_layer = E[(ā ⊗ δ)(ā ⊗ δ)ᵀ] = E[ā āᵀ ⊗ δ δᵀ]  ≈  E[ā āᵀ] ⊗ E[δ δᵀ] = Ā ⊗ S.
 
 The approximation **assumes ā and δ independent** (more precisely, that ``ā āᵀ`` and ``δ δᵀ``
-are uncorrelated); it is exact when either is deterministic (e.g. a constant input, or a
-softmax output whose ``δ δᵀ`` does not depend on the input in expectation) and otherwise only
-an approximation. Its inverse is ``Ā⁻¹ ⊗ S⁻¹``, which acts on a layer's gradient block as::
+are uncorrelated); it is exact when one of them is constant, or e.g. for a softmax output
+layer with labels drawn from the model when ``E[δ δᵀ | x] = diag p(x) − p(x) p(x)ᵀ`` does not
+depend on ``x``; otherwise it is an approximation that degrades as that dependence grows.
+Its inverse is ``Ā⁻¹ ⊗ S⁻¹``, which acts on a layer's gradient block as::
 
     (Ā⁻¹ ⊗ S⁻¹) vec(G) = vec(Ā⁻¹ G S⁻¹)        (Ā, S symmetric).
 
@@ -50,17 +51,28 @@ otherwise; both are exact in exact arithmetic, the results are symmetrised. The 
 at ``√damping · I`` (so ``Ā_0 ⊗ S_0 = damping · I``). Under the EMA the prior decays like
 ``β^t``, under the running mean like ``1/(t+1)``; it is *not* re-added at every step.
 
-**Cost.** Memory ``O(Σ_layers (din+1)² + dout²)`` instead of ``O(|θ|²)``; an update costs
-``O(Σ B (din+1)² + B dout² + min(B, dim)³)`` per layer, ``apply`` costs
-``O(Σ (din+1)² dout + (din+1) dout²)``.
+*Caveat.* Directions the data never excite keep only the decaying prior, so their inverse
+grows like ``β^(−t)/√damping`` under the EMA. Such directions are common: a softmax output
+layer's ``δ`` always sums to zero (``S`` is singular along ``1``), and always-zero inputs
+(e.g. MNIST border pixels) make ``Ā`` singular. Over long EMA runs (hundreds of updates at
+``β = 0.95``) rounding in those directions is amplified and ``A`` loses definiteness (float32:
+non-finite after ~3000 updates). The running mean only grows them like ``t``. Prefer
+``"mean"`` or resetting the state for long runs.
+
+**Cost.** Memory ``O(Σ_layers (din+1)² + dout²)`` instead of ``O(|θ|²)``. An update costs
+``O(B d²)`` per factor of dimension ``d`` (Woodbury ``O(B d² + B³)`` with ``B < d``, the solve
+``O(B d² + d³)`` with ``d ≤ B``), i.e. ``O(Σ_layers B ((din+1)² + dout²))`` instead of
+``O(B |θ|²)``; ``apply`` costs ``O(Σ_layers (din+1)² dout + (din+1) dout²)``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hypergrad_jax.linalg import _woodbury
 
@@ -131,6 +143,35 @@ def _stack(w: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.concatenate([w, b[None, :]], axis=0)
 
 
+def _weights(count, beta, mean: bool, dtype):
+    """``(keep, add)`` of ``X' = keep·X + add·X̂``: ``(β, 1−β)`` for the EMA, ``(1−c, c)`` with
+    ``c = 1/(count+2)`` for the running mean."""
+    if not mean:
+        return beta, 1.0 - beta
+    c = 1.0 / (count + 2).astype(dtype)
+    return 1.0 - c, c
+
+
+@functools.partial(jax.jit, static_argnames="mean")
+def _update_layer(a_inv, s_inv, dw, db, count, beta, mean: bool):
+    """One layer's ``(Ā⁻¹, S⁻¹) -> (Ā'⁻¹, S'⁻¹)`` with ``X' = keep·X + add·X̂`` (module doc).
+
+    Jitted so that eager use compiles one kernel per layer shape instead of one per op; inside
+    an outer ``jit``/``scan`` it is simply inlined.
+    """
+    keep, add = _weights(count, beta, mean, a_inv.dtype)
+    a, delta, valid = recover_rank_one(dw.astype(a_inv.dtype), db.astype(s_inv.dtype))
+    new_a = _inverse_update(a_inv, _weighted_rows(_augment(a), valid), keep, add)
+    new_a = jnp.where(jnp.any(valid), new_a, a_inv)  # no valid sample: Ā unchanged
+    return new_a, _inverse_update(s_inv, delta, keep, add)
+
+
+@jax.jit
+def _apply_layer(a_inv, s_inv, w, b):
+    """``(w, b) ↦ Ā⁻¹ G S⁻¹`` split back, with ``G = [w; bᵀ]``."""
+    return _split(a_inv @ _stack(w, b) @ s_inv)
+
+
 # --------------------------------------------------------------------------- the curvature
 
 
@@ -199,20 +240,10 @@ class KFACFisher(NamedTuple):
         dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
         if not jnp.issubdtype(dtype, jnp.floating):
             dtype = jnp.result_type(float)
-        scale = 1.0 / jnp.sqrt(jnp.asarray(self.damping, dtype))
-        a_inv, s_inv = [], []
-        for wk, _ in self.layers:
-            din, dout = jnp.shape(params[wk])
-            a_inv.append(scale * jnp.eye(din + 1, dtype=dtype))
-            s_inv.append(scale * jnp.eye(dout, dtype=dtype))
-        return KFACState(tuple(a_inv), tuple(s_inv), jnp.zeros((), jnp.int32))
-
-    def _weights(self, state: KFACState):
-        """``(keep, add)`` of ``X' = keep·X + add·X̂`` for this update."""
-        if self.average == "ema":
-            return self.beta, 1.0 - self.beta
-        c = 1.0 / (state.count + 2).astype(state.s_inv[0].dtype)
-        return 1.0 - c, c
+        eye = lambda n: jnp.asarray(np.eye(n) / np.sqrt(self.damping), dtype)  # no compile
+        a_inv = [eye(jnp.shape(params[wk])[0] + 1) for wk, _ in self.layers]
+        s_inv = [eye(jnp.shape(params[wk])[1]) for wk, _ in self.layers]
+        return KFACState(tuple(a_inv), tuple(s_inv), jnp.asarray(0, jnp.int32))
 
     def update(self, state: KFACState, grad: PyTree, per_sample_grads: PyTree) -> KFACState:
         """One batch: recover ``(ā_i, δ_i)`` per layer, update ``Ā⁻¹`` and ``S⁻¹`` (module doc).
@@ -221,7 +252,6 @@ class KFACFisher(NamedTuple):
         with a leading batch axis ``B``.
         """
         del grad
-        keep, add = self._weights(state)
         a_inv, s_inv = [], []
         for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
             dw, db = per_sample_grads[wk], per_sample_grads[bk]
@@ -230,10 +260,10 @@ class KFACFisher(NamedTuple):
                     f"per_sample_grads: ({wk!r}, {bk!r}) expected [B, din, dout] and [B, dout], "
                     f"got {dw.shape} and {db.shape}"
                 )
-            a, delta, valid = recover_rank_one(dw.astype(ai.dtype), db.astype(si.dtype))
-            new_a = _inverse_update(ai, _weighted_rows(_augment(a), valid), keep, add)
-            a_inv.append(jnp.where(jnp.any(valid), new_a, ai))
-            s_inv.append(_inverse_update(si, delta, keep, add))
+            mean = self.average == "mean"
+            new_a, new_s = _update_layer(ai, si, dw, db, state.count, self.beta, mean)
+            a_inv.append(new_a)
+            s_inv.append(new_s)
         return KFACState(tuple(a_inv), tuple(s_inv), state.count + 1)
 
     def apply(self, state: KFACState, tree: PyTree) -> PyTree:
@@ -241,6 +271,5 @@ class KFACFisher(NamedTuple):
         ``G = [w-part; b-part as last row]``."""
         out = {}
         for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
-            w, b = _split(ai @ _stack(tree[wk], tree[bk]) @ si)
-            out[wk], out[bk] = w, b
+            out[wk], out[bk] = _apply_layer(ai, si, tree[wk], tree[bk])
         return out

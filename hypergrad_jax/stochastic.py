@@ -176,6 +176,13 @@ class DenseFisher(NamedTuple):
         per-sample gradients in one rank-``B`` Woodbury update (a ``B × B`` solve).
         ``"sequential"``: ``B`` rank-1 Sherman–Morrison updates, one per sample (with
         ``"ema"`` the decay per outer-loop step is ``β^B``).
+
+    Caveat (EMA): where the Fisher is singular — softmax outputs (every sample's gradient
+    is orthogonal to the all-ones class direction), constant input features — only the
+    decaying prior remains and ``A`` grows like ``β^{-t}/ρ`` there. That is harmless in
+    exact arithmetic when ``∇_θ f`` and the mixed product have no component along those
+    directions, but in float32 it costs precision after a few hundred updates. For long
+    carried runs use ``"mean"``, ``NHGD(reset=True)`` or a larger damping.
     """
 
     average: str = "ema"
@@ -195,7 +202,7 @@ class DenseFisher(NamedTuple):
                 "DenseFisher.samples: expected 'mean', 'woodbury' or 'sequential', "
                 f"got {self.samples!r}"
             )
-        if not 0 < self.beta < 1:
+        if isinstance(self.beta, (int, float)) and not 0 < self.beta < 1:
             raise ValueError(f"DenseFisher.beta: expected 0 < beta < 1, got {self.beta!r}")
         flat, _ = ravel_pytree(params)
         return linalg.fisher_init(flat.size, self.damping, flat.dtype)
@@ -227,6 +234,8 @@ class DenseFisher(NamedTuple):
 
 # --------------------------------------------------------------------------- methods
 
+SAMPLE_WEIGHT_FLOOR = 1e-3  # NHGD.sample_weights: amplification of unweighted terms <= ~32x
+
 
 class NHGD(NamedTuple):
     """Natural hypergradient descent (Kong, Chen, Zhang, Mou 2026; ALGORITHMS.md §3).
@@ -245,7 +254,9 @@ class NHGD(NamedTuple):
       sample_weights: ``(hparams, batch) -> float[B]``, for inner losses that are weighted
         likelihoods ``Σ w_i ℓ_i``: their Hessian is ``Σ w_i ∇²ℓ_i ≈ Σ w_i F_i`` while the
         gradients' second moment is ``Σ w_i² ∇ℓ_i∇ℓ_iᵀ``, so per-sample gradients are divided
-        by ``√w_i`` before the Fisher update (per-sample Fishers only).
+        by ``√w_i`` before the Fisher update (per-sample Fishers only). Weights are floored
+        at :data:`SAMPLE_WEIGHT_FLOOR`: a sample's gradient also carries the loss's
+        unweighted terms (e.g. a ridge), which the division would otherwise blow up.
       parallel: run the Fisher update on a second device, concurrently with the inner SGD
         (the paper's parallel implementation; needs two devices): same numbers as the fused
         loop, per-step critical path ``max(gradient, Fisher update) + transfer`` instead of
@@ -285,7 +296,7 @@ class NHGD(NamedTuple):
             grad = jax.tree.map(lambda x: jnp.mean(x, axis=0), per)
             if self.sample_weights is not None:
                 w = self.sample_weights(hparams, batch)
-                scale = jax.lax.rsqrt(jnp.maximum(w, jnp.finfo(w.dtype).tiny))
+                scale = jax.lax.rsqrt(jnp.maximum(w, SAMPLE_WEIGHT_FLOOR))
                 per = jax.tree.map(lambda x: x * scale.reshape((-1,) + (1,) * (x.ndim - 1)), per)
         else:
             grad = jax.grad(problem.inner_loss)(params, hparams, batch)
