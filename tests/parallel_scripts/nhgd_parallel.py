@@ -18,6 +18,7 @@ def variants():
         "dense_mean": st.DenseFisher(),
         "dense_woodbury": st.DenseFisher(samples="woodbury", average="mean"),
         "dense_sequential": st.DenseFisher(samples="sequential"),
+        "dense_solve": st.DenseFisher(samples="woodbury", inverse="solve"),
     }
     if importlib.util.find_spec("hypergrad_jax.kfac") is not None:
         from hypergrad_jax.kfac import KFACFisher
