@@ -27,6 +27,9 @@ EXPERIMENTS = {
     "fds_noise": "experiments.fds.noise",
     "fds_memory": "experiments.fds.memory",
     "fds_schedules": "experiments.fds.schedules",
+    "nhgd_hyper_cleaning": "experiments.nhgd.hyper_cleaning",
+    "nhgd_regularization": "experiments.nhgd.regularization",
+    "nhgd_distillation": "experiments.nhgd.distillation",
 }
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "quickstart.yaml"

@@ -210,7 +210,9 @@ def _woodbury(a, us, keep, add):
     b = us.shape[0]
     ua = us @ a  # (B, d); A is symmetric so U A = (A Uᵀ)ᵀ
     inner = (keep * b / add) * jnp.eye(b, dtype=a.dtype) + ua @ us.T
-    return (a - ua.T @ jnp.linalg.solve(inner, ua)) / keep
+    new = (a - ua.T @ jnp.linalg.solve(inner, ua)) / keep
+    # Symmetrise: in float32 the rounding's antisymmetric part otherwise grows every update.
+    return 0.5 * (new + new.T)
 
 
 def fisher_ema_update_batch(state: FisherInverse, us: jax.Array, beta) -> FisherInverse:

@@ -3,10 +3,12 @@
 At their configs' ``tiny`` task settings: the Task contract holds, the losses are finite, the
 exact hypergradient the runner uses as its reference (``stochastic.dense_hypergradient``)
 equals float64 central finite differences of ``F(λ) = f(θ*(λ), λ)`` (``θ*`` by Newton), and
-one NHGD and one SOBA step run.
+one NHGD and one SOBA step run. The tiny comparison end to end through the CLI is marked
+slow (compiling one program per method variant dominates it).
 """
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -18,6 +20,7 @@ import scipy.linalg
 import threadpoolctl
 from jax.flatten_util import ravel_pytree
 
+from experiments import cli
 from experiments import config as cfg_lib
 from experiments.config import ConfigError
 from experiments.nhgd import distillation, regularization
@@ -201,3 +204,16 @@ def test_distillation_images_start_at_the_class_means():
         noise = images[labels == c] - mean
         # noise ~ init_noise · N(0, 1): its std over the class's k·d entries.
         assert abs(noise.std() - cfg.init_noise) < 0.5 * cfg.init_noise
+
+
+@pytest.mark.slow  # ~30-45 s each: one compiled program per method variant
+@pytest.mark.parametrize("name", ["nhgd_regularization", "nhgd_distillation"])
+def test_tiny_comparison_end_to_end(tmp_path, capsys, name):
+    assert cli.main(["run", name, "--tiny", "--quiet", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    ok = [r for r in summary["table"] if r["status"] == "ok"]
+    assert {r["method"] for r in ok} >= {"nhgd_dense", "nhgd_kfac", "soba", "cg"}
+    for r in ok:
+        assert np.isfinite(r["final"]["val_loss"]) and np.isfinite(r["final"]["test_acc"])
+    assert (run / "comparison.md").is_file() and (run / "plots" / "time_to_target.png").is_file()

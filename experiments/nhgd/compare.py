@@ -1,0 +1,973 @@
+"""The NHGD comparison runner shared by the NHGD experiments (hyper-cleaning, regularization,
+distillation): every method variant over a small grid on one :class:`~experiments.nhgd.task.Task`.
+
+Variants (:data:`METHODS`), all from :mod:`hypergrad_jax.stochastic`, all with inner SGD at
+step ``lr`` and ``T = compare.inner_steps`` inner steps per outer step:
+
+* ``nhgd_dense``: ``NHGD`` with a ``DenseFisher`` (EMA factor ``β``, prior ``nhgd_damping``,
+  ``nhgd_dense_samples`` samples per step — a task with ``sample_weights`` needs per-sample
+  samples, ``"woodbury"`` or ``"sequential"`` — and ``nhgd_dense_inverse``: ``"online"``, the
+  paper's inverse updated every inner step, or ``"solve"``, one solve after the loop with
+  ``nhgd_damping`` as a constant ridge);
+* ``nhgd_kfac``: ``NHGD`` with ``kfac.KFACFisher(task.kfac_layers)`` (EMA ``β``, same prior);
+* ``nhgd_dense_parallel``, ``nhgd_kfac_parallel``: the same with ``NHGD(parallel=True)``, the
+  Fisher update on a second device concurrently with the inner SGD. They need
+  ``jax.device_count() >= 2`` (``--local-devices 2`` on CPU); otherwise they are *skipped* and
+  the table says so;
+* ``stocbio``: ``StocBiO`` (``linear_steps`` Neumann terms, step ``η``);
+* ``amigo``: ``AmIGO`` (``linear_steps`` warm-started SGD steps on ``H v = ∇_θ f``, step ``γ``);
+* ``soba``: ``SOBA`` (single loop: one step each on ``θ``, ``v``, ``λ``, linear-system step
+  ``γ``). So that every method gets the same inner SGD steps, one SOBA "outer step" of the
+  tables is ``T`` SOBA iterations, and (``soba_scale_outer_lr``, default) its outer learning
+  rate is ``outer_lr / T``: per ``T`` inner steps ``λ`` then moves as far as the other
+  methods' one update (exact for SGD, approximately for Adam whose steps are ≈ ``lr``);
+* ``cg``: ``SolveAfter`` with ``hg.CG(maxiter)`` (``cg_tol``, ``cg_ridge``), warm-started;
+* ``neumann``: ``SolveAfter`` with ``hg.Neumann(linear_steps, η)``, warm-started.
+
+Fairness. Every variant uses the same outer optimizer (``outer_optimizer`` with the one
+``outer_lr``), the same inner steps, the same minibatch streams (one PRNG seed,
+``compare.seed``, for every run: paired), the same starting point ``(task.params,
+task.hparams)`` and the same number of outer steps. Each gets a small grid: the shared inner
+learning-rate grid ``inner_lrs`` × one method-specific knob (:data:`KNOBS`): the EMA factor
+``β`` of the Fisher (NHGD), the Neumann / linear-system step size (stocBiO, AmIGO, SOBA,
+Neumann), CG's iteration cap (CG). The grids are part of the config and are written with
+the results. The **best grid point** of a method is the one with the lowest *final*
+``val_loss`` (NaN counts as +inf).
+
+Measurement. Each run (one method, one grid point: a *unit*) does ``outer_steps`` outer steps
+(``stochastic.outer_step``) in jitted chunks of ``eval_every`` steps (a ``lax.scan``).
+Compilation is excluded: a chunk is compiled ahead of time once per variant (the grid values
+are traced arguments, so a variant's whole grid runs one program) and executed once as a
+warm-up (discarded) before any clock starts. Each chunk is timed with ``block_until_ready``.
+At each evaluation point (outer step 0 and every ``eval_every`` steps) the runner records,
+outside the clock: the cumulative wall time, the cumulative oracle calls (``Stats.oracles``:
+gradients, HVPs, mixed products, outer gradients, and their total), ``task.evaluate(θ, λ)``,
+and the cosine between the method's last hypergradient and the exact implicit hypergradient
+at the ``λ`` that hypergradient was computed at (the one before the last update). Against
+noise from other processes on the machine each chunk is timed ``timing_repeats`` times from
+the same state and its fastest time counts (as ``timeit`` does); the run continues from the
+(identical) result.
+
+The exact reference: ``θ*(λ)`` on ``task.train`` by :func:`inner_solution` (damped
+Newton-CG, ``reference_newton_steps`` steps warm-started from the previous evaluation's
+``θ*``; the first from ``θ*(task.hparams)``, solved once from ``task.params`` with 3× the
+steps), then ``stochastic.dense_hypergradient(problem, λ, θ*, task.train, task.val,
+newton_steps=0)``: the dense Hessian at ``θ*`` and one dense solve. (Its own undamped Newton
+steps diverge from far away on weakly regularised problems; with ``θ*`` converged they are
+not needed.) The reference's residual ``|∇_θ g(θ*)|`` is recorded with the curves. At outer
+step 0 there is no hypergradient yet: the cosine is NaN there. Note the cosine of a
+stochastic estimate whose mixed product sees one minibatch (e.g. per-sample hyperparameters:
+only the batch's entries are non-zero) is bounded well below 1 even when unbiased; compare
+methods with each other. The table's "mean cosine" averages the evaluation points where the
+cosine is defined.
+
+Time to target. The target validation loss is ``target``: ``"worst_best"`` (default) the
+largest of the methods' best final validation losses (every run method reaches it, at the
+latest at its last evaluation), or ``"value"`` (``target_value``). A method's time (and
+oracle calls) to target is that of its best grid point at the first evaluation point whose
+``val_loss`` is at or below the target (so it is resolved to ``eval_every`` outer steps);
+"time ratio" divides by ``nhgd_dense``'s.
+
+Resume. The experiment's steps (``Experiment.num_steps``) are the units; its state is a set of
+fixed-shape result arrays (every unit's curves) checkpointed after *every* unit (whatever
+``run.checkpoint_every`` says), so a killed run resumes at the first unfinished unit and never
+redoes a finished one. A skipped unit stays skipped on resume.
+
+Outputs in the run directory: ``comparison.md`` (the table, the grids, every grid point),
+``curves.json`` (every unit's curves), ``summary.json`` (the table), and
+``plots/val_loss_time.png``, ``val_loss_oracles.png``, ``<primary>_time.png``, ``cosine.png``,
+``time_to_target.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import field
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+import hypergrad_jax as hg
+from experiments.common import RunConfig
+from experiments.config import ConfigError, bounds
+from experiments.harness import Experiment
+from experiments.nhgd.task import Task
+from hypergrad_jax import stochastic
+
+METHODS = (
+    "nhgd_dense",
+    "nhgd_kfac",
+    "nhgd_dense_parallel",
+    "nhgd_kfac_parallel",
+    "stocbio",
+    "amigo",
+    "soba",
+    "cg",
+    "neumann",
+)
+LABELS = {
+    "nhgd_dense": "NHGD dense",
+    "nhgd_kfac": "NHGD K-FAC",
+    "nhgd_dense_parallel": "NHGD dense, parallel",
+    "nhgd_kfac_parallel": "NHGD K-FAC, parallel",
+    "stocbio": "stocBiO",
+    "amigo": "AmIGO",
+    "soba": "SOBA",
+    "cg": "CG after",
+    "neumann": "Neumann after",
+}
+# method -> (the CompareConfig field holding its knob's grid, the knob's name)
+KNOBS = {
+    "nhgd_dense": ("nhgd_betas", "beta"),
+    "nhgd_kfac": ("nhgd_betas", "beta"),
+    "nhgd_dense_parallel": ("nhgd_betas", "beta"),
+    "nhgd_kfac_parallel": ("nhgd_betas", "beta"),
+    "stocbio": ("stocbio_etas", "eta"),
+    "amigo": ("amigo_lrs", "linear_lr"),
+    "soba": ("soba_lrs", "linear_lr"),
+    "cg": ("cg_maxiters", "maxiter"),
+    "neumann": ("neumann_etas", "eta"),
+}
+ORACLES = ("grads", "hvps", "mixed", "outer")
+PENDING, DONE, SKIPPED = 0, 1, 2
+REFERENCE_CG_ITERS = 100  # CG iterations per Newton step of the reference's inner solve
+COLD_START_FACTOR = 3  # Newton steps of a cold reference solve, × reference_newton_steps
+SKIP_REASONS = {
+    1: "skipped: needs >= 2 JAX devices (on CPU: --local-devices 2)",
+    2: "skipped: stochastic.NHGD has no `parallel` option in this version",
+    3: "skipped: the task has no kfac_layers",
+}
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """The comparison's settings (module docstring); nest it under the key ``compare``."""
+
+    methods: tuple[Literal[METHODS], ...] = METHODS  # type: ignore[valid-type]
+    outer_steps: int = field(default=100, metadata=bounds(ge=1))  # per run
+    eval_every: int = field(default=10, metadata=bounds(ge=1))  # must divide outer_steps
+    inner_steps: int = field(default=10, metadata=bounds(ge=1))  # T
+    outer_optimizer: Literal["adam", "sgd"] = "adam"
+    outer_lr: float = field(default=0.1, metadata=bounds(gt=0))  # the same for every method
+    soba_scale_outer_lr: bool = True  # SOBA's outer lr = outer_lr / inner_steps
+    # Grids: the shared inner learning rates × one knob per method.
+    inner_lrs: tuple[float, ...] = (0.1, 0.3)
+    nhgd_betas: tuple[float, ...] = (0.9, 0.99)  # EMA factor of the Fisher (dense, K-FAC)
+    stocbio_etas: tuple[float, ...] = (0.1, 0.3)  # Neumann step
+    amigo_lrs: tuple[float, ...] = (0.1, 0.3)  # SGD step on H v = ∇_θ f
+    soba_lrs: tuple[float, ...] = (0.1, 0.3)  # SGD step on H v = ∇_θ f
+    cg_maxiters: tuple[int, ...] = (5, 10)
+    neumann_etas: tuple[float, ...] = (0.1, 0.3)  # Richardson / Neumann step
+    # Fixed settings.
+    nhgd_damping: float = field(default=1e-3, metadata=bounds(gt=0))  # prior F_0 = ρ I
+    nhgd_dense_samples: Literal["mean", "woodbury", "sequential"] = "woodbury"
+    # "online": A updated every inner step (the paper's); "solve": F̂ kept, one Cholesky solve
+    # with F̂ + nhgd_damping·I after the loop (then nhgd_damping is a constant ridge).
+    nhgd_dense_inverse: Literal["online", "solve"] = "online"
+    nhgd_reset: bool = False  # True: A starts from the prior at every outer step
+    linear_steps: int = field(default=10, metadata=bounds(ge=1))  # stocBiO, AmIGO, Neumann
+    cg_tol: float = field(default=1e-6, metadata=bounds(gt=0))
+    cg_ridge: float = field(default=0.0, metadata=bounds(ge=0))  # CG and Neumann
+    target: Literal["worst_best", "value"] = "worst_best"
+    target_value: float | None = None  # with target: value
+    # Damped Newton-CG steps of the reference's θ*, warm-started (3× from a cold start).
+    reference_newton_steps: int = field(default=8, metadata=bounds(ge=1))
+    seed: int = field(default=0, metadata=bounds(ge=0))  # minibatch streams (every run)
+    # Each chunk is timed this many times from the same state; its time is the fastest
+    # (the computation is deterministic, so every repeat computes the same numbers).
+    timing_repeats: int = field(default=2, metadata=bounds(ge=1))
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ConfigError("compare.methods: expected at least one method")
+        dup = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if dup:
+            raise ConfigError(f"compare.methods: {dup[0]!r} is listed twice")
+        if self.outer_steps % self.eval_every:
+            raise ConfigError(
+                f"compare.eval_every: {self.eval_every} does not divide compare.outer_steps "
+                f"= {self.outer_steps}"
+            )
+        checks = {
+            "inner_lrs": (lambda v: v > 0, "> 0"),
+            "nhgd_betas": (lambda v: 0 < v < 1, "> 0 and < 1"),
+            "stocbio_etas": (lambda v: v > 0, "> 0"),
+            "amigo_lrs": (lambda v: v > 0, "> 0"),
+            "soba_lrs": (lambda v: v > 0, "> 0"),
+            "cg_maxiters": (lambda v: v >= 1, ">= 1"),
+            "neumann_etas": (lambda v: v > 0, "> 0"),
+        }
+        for name, (ok, text) in checks.items():
+            grid = getattr(self, name)
+            if not grid:
+                raise ConfigError(f"compare.{name}: expected at least one value")
+            for i, v in enumerate(grid):
+                if not ok(v):
+                    raise ConfigError(f"compare.{name}[{i}]: expected a value {text}, got {v!r}")
+        if self.target == "value" and self.target_value is None:
+            raise ConfigError("compare.target_value: required with compare.target: value")
+        if self.target != "value" and self.target_value is not None:
+            raise ConfigError(
+                f"compare.target_value: only used with compare.target: value "
+                f"(compare.target is {self.target!r})"
+            )
+
+    def grid(self, method: str) -> list[tuple[float, float]]:
+        """``method``'s grid: ``(inner lr, knob)`` pairs, inner lr varying slowest."""
+        knobs = getattr(self, KNOBS[method][0])
+        return [(lr, k) for lr in self.inner_lrs for k in knobs]
+
+
+class Unit(NamedTuple):
+    """One run: a method at one grid point."""
+
+    method: str
+    lr: float
+    knob: float
+
+    def setting(self) -> str:
+        return f"lr={self.lr:g}, {KNOBS[self.method][1]}={self.knob:g}"
+
+
+def units_of(cfg: CompareConfig) -> list[Unit]:
+    return [Unit(m, lr, k) for m in cfg.methods for lr, k in cfg.grid(m)]
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def make_method(name: str, task: Task, cfg: CompareConfig, lr, knob):
+    """The ``stochastic`` method value of variant ``name`` at grid point ``(lr, knob)``.
+    ``lr`` and ``knob`` may be tracers (the grid is a traced argument of one program)."""
+    T = cfg.inner_steps
+    if name.startswith("nhgd"):
+        if "kfac" in name:
+            from hypergrad_jax.kfac import KFACFisher
+
+            fisher = KFACFisher(task.kfac_layers, "ema", knob, cfg.nhgd_damping)
+        else:
+            fisher = stochastic.DenseFisher(
+                "ema", knob, cfg.nhgd_damping, cfg.nhgd_dense_samples, cfg.nhgd_dense_inverse
+            )
+        extra = {"parallel": True} if name.endswith("_parallel") else {}
+        return stochastic.NHGD(T, lr, fisher, cfg.nhgd_reset, task.sample_weights, **extra)
+    if name == "stocbio":
+        return stochastic.StocBiO(T, lr, cfg.linear_steps, knob)
+    if name == "amigo":
+        return stochastic.AmIGO(T, lr, cfg.linear_steps, knob)
+    if name == "soba":
+        return stochastic.SOBA(lr, knob)
+    if name == "cg":
+        solver = hg.CG(maxiter=knob, tol=cfg.cg_tol, ridge=cfg.cg_ridge)
+        return stochastic.SolveAfter(T, lr, solver)
+    if name == "neumann":
+        solver = hg.Neumann(steps=cfg.linear_steps, eta=knob, ridge=cfg.cg_ridge)
+        return stochastic.SolveAfter(T, lr, solver)
+    raise ValueError(f"compare.methods: unknown method {name!r}; allowed: {METHODS}")
+
+
+def skip_code(name: str, task: Task) -> int:
+    """0 if variant ``name`` can run here, else a :data:`SKIP_REASONS` code."""
+    if "kfac" in name and not task.kfac_layers:
+        return 3
+    if name.endswith("_parallel"):
+        if "parallel" not in stochastic.NHGD._fields:
+            return 2
+        if jax.device_count() < 2:
+            return 1
+    return 0
+
+
+def chunk_length(name: str, cfg: CompareConfig) -> int:
+    """Method iterations per chunk: ``eval_every`` outer steps (SOBA: ``T`` iterations each)."""
+    return cfg.eval_every * (cfg.inner_steps if name == "soba" else 1)
+
+
+def outer_optimizer(name: str, cfg: CompareConfig) -> optax.GradientTransformation:
+    lr = cfg.outer_lr
+    if name == "soba" and cfg.soba_scale_outer_lr:
+        lr = lr / cfg.inner_steps
+    return {"adam": optax.adam, "sgd": optax.sgd}[cfg.outer_optimizer](lr)
+
+
+def _is_arrays(tree) -> bool:
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+
+
+def make_chunk(name: str, task: Task, cfg: CompareConfig):
+    """``(ostate, lr, knob, inner_data, outer_data) -> (ostate, oracles int32[4], last
+    hypergradient, the λ it was computed at)``: ``chunk_length`` outer steps in one
+    ``lax.scan``, jitted. Data that is a pytree of arrays is an argument (not a constant baked
+    into the program); pass ``None`` for data the program closes over (a plain function)."""
+    optimizer = outer_optimizer(name, cfg)
+    length = chunk_length(name, cfg)
+
+    def chunk(ostate, lr, knob, inner_data, outer_data):
+        inner_data = task.inner_data if inner_data is None else inner_data
+        outer_data = task.outer_data if outer_data is None else outer_data
+        method = make_method(name, task, cfg, lr, knob)
+
+        def body(carry, _):
+            state, oracles, _, _ = carry
+            before = state.hparams
+            state, (grad, stats) = stochastic.outer_step(
+                task.problem, method, optimizer, state, inner_data, outer_data
+            )
+            counts = jnp.stack([jnp.asarray(c, jnp.int32) for c in stats.oracles])
+            return (state, oracles + counts, grad, before), None
+
+        zeros = jax.tree.map(jnp.zeros_like, ostate.hparams)
+        init = (ostate, jnp.zeros(len(ORACLES), jnp.int32), zeros, zeros)
+        return jax.lax.scan(body, init, None, length=length)[0]
+
+    return jax.jit(chunk), optimizer
+
+
+def cosine(a, b) -> float:
+    """``⟨a, b⟩ / (|a| |b|)`` of two pytrees, in float64; NaN if either is zero or not finite."""
+    x = np.asarray(ravel_pytree(a)[0], np.float64)
+    y = np.asarray(ravel_pytree(b)[0], np.float64)
+    nx, ny = np.linalg.norm(x), np.linalg.norm(y)
+    if not (np.isfinite(nx) and np.isfinite(ny)) or nx == 0 or ny == 0:
+        return math.nan
+    return float(x @ y / (nx * ny))
+
+
+# --------------------------------------------------------------------------- one unit
+
+
+class Runner:
+    """What every unit of one comparison shares: the task, the config, the compiled chunks
+    (one per variant, compiled on first use) and the evaluation functions."""
+
+    def __init__(self, task: Task, cfg: CompareConfig):
+        self.task, self.cfg = task, cfg
+        self.inner_arg = task.inner_data if _is_arrays(task.inner_data) else None
+        self.outer_arg = task.outer_data if _is_arrays(task.outer_data) else None
+        self.compiled: dict[str, Any] = {}
+        self.evaluate = jax.jit(task.evaluate)
+        problem = task.problem
+        # θ* comes converged from inner_solution: no further Newton step is needed.
+        self.reference = jax.jit(
+            lambda h, p, train, val: stochastic.dense_hypergradient(problem, h, p, train, val, 0)
+        )
+        self._solve = None
+        self._theta0 = None
+        shapes = jax.eval_shape(task.evaluate, task.params, task.hparams)
+        if not isinstance(shapes, dict):
+            raise ValueError(f"task.evaluate: expected a dict of scalars, got {shapes!r}")
+        for key in ("val_loss", task.primary):
+            if key not in shapes:
+                raise ValueError(
+                    f"task.evaluate: returns {sorted(shapes)}; expected a {key!r} entry "
+                    "(val_loss and the task's primary metric)"
+                )
+        bad = sorted(k for k, v in shapes.items() if v.shape != ())
+        if bad:
+            raise ValueError(f"task.evaluate: expected scalar metrics, {bad} are not")
+        rest = sorted(k for k in shapes if k not in ("val_loss", task.primary))
+        self.metric_names = ("val_loss", task.primary, *rest)
+
+    @property
+    def num_points(self) -> int:
+        return self.cfg.outer_steps // self.cfg.eval_every + 1
+
+    def init(self, unit: Unit):
+        method = make_method(unit.method, self.task, self.cfg, unit.lr, unit.knob)
+        optimizer = outer_optimizer(unit.method, self.cfg)
+        key = jax.random.key(self.cfg.seed)
+        return stochastic.outer_init(method, optimizer, self.task.hparams, self.task.params, key)
+
+    def chunk(self, unit: Unit, ostate):
+        """The compiled chunk of ``unit``'s variant and the seconds spent now on compiling it
+        and on one warm-up execution (first-call costs stay off the clock), both discarded."""
+        if unit.method in self.compiled:
+            return self.compiled[unit.method], 0.0
+        t0 = time.perf_counter()
+        fn, _ = make_chunk(unit.method, self.task, self.cfg)
+        args = (ostate, unit.lr, unit.knob, self.inner_arg, self.outer_arg)
+        compiled = fn.lower(*args).compile()
+        jax.block_until_ready(compiled(*args))
+        self.compiled[unit.method] = compiled
+        return compiled, time.perf_counter() - t0
+
+    def inner_solution(self, hparams, params, steps: int):
+        """``(θ*(λ), |∇_θ g(θ*)|)`` by damped Newton-CG from ``params`` (one program)."""
+        if self._solve is None:
+            self._solve = jax.jit(functools.partial(inner_solution, self.task.problem))
+        return self._solve(hparams, params, self.task.train, steps)
+
+    @property
+    def theta0(self):
+        """``θ*(task.hparams)`` from ``task.params`` (cold: ``COLD_START_FACTOR`` × the steps),
+        computed once: every run's first reference starts from it."""
+        if self._theta0 is None:
+            steps = COLD_START_FACTOR * self.cfg.reference_newton_steps
+            self._theta0 = self.inner_solution(self.task.hparams, self.task.params, steps)[0]
+        return self._theta0
+
+    def measure(self, params, hparams, grad, grad_at, theta_ref):
+        """Metrics at ``(θ, λ)`` and the cosine of ``grad`` with the exact hypergradient at
+        ``grad_at``, its ``θ*`` warm-started from ``theta_ref`` (None: from :attr:`theta0`);
+        returns ``(metrics, cosine, θ*, |∇_θ g(θ*)|)``."""
+        metrics = jax.device_get(self.evaluate(params, hparams))
+        values = [float(metrics[k]) for k in self.metric_names]
+        if grad is None:
+            return values, math.nan, theta_ref, math.nan
+        start = self.theta0 if theta_ref is None else theta_ref
+        theta, residual = self.inner_solution(grad_at, start, self.cfg.reference_newton_steps)
+        residual = float(residual)
+        if not math.isfinite(residual):  # a failed solve does not poison the next one
+            return values, math.nan, None, residual
+        exact, _ = self.reference(grad_at, theta, self.task.train, self.task.val)
+        return values, cosine(grad, exact), theta, residual
+
+
+def inner_solution(problem, hparams, params, train, steps):
+    """``θ*(λ) = argmin_θ g(θ, λ; train)`` by ``steps`` damped Newton-CG steps from ``params``.
+
+    Each step solves ``H d = ∇g`` by CG (``REFERENCE_CG_ITERS`` HVPs at most, relative
+    tolerance 1e-7) and takes the largest step ``t = 2^-k`` (``k < 12``) that satisfies
+    Armijo's condition, up to rounding; ``t = 0`` if none does. (Plain Newton, as in
+    ``stochastic.dense_hypergradient``, diverges from far away on weakly regularised
+    problems: the line search makes the reference safe from any start.) Returns
+    ``(θ*, |∇_θ g(θ*)|)``.
+    """
+    flat0, unravel = ravel_pytree(params)
+    loss = lambda x: problem.inner_loss(unravel(x), hparams, train)  # noqa: E731
+    ts = 0.5 ** jnp.arange(12, dtype=flat0.dtype)
+    eps = jnp.finfo(flat0.dtype).eps
+
+    def newton(x, _):
+        f, g = jax.value_and_grad(loss)(x)
+        hvp = lambda v: jax.jvp(jax.grad(loss), (x,), (v,))[1]  # noqa: E731
+        d, _ = hg.CG(maxiter=REFERENCE_CG_ITERS, tol=1e-7)(hvp, g)
+        trial = jax.vmap(lambda t: loss(x - t * d))(ts)
+        ok = trial <= f - 1e-4 * ts * (g @ d) + 8 * eps * jnp.abs(f)
+        t = jnp.where(jnp.any(ok), ts[jnp.argmax(ok)], 0.0)
+        return x - t * d, None
+
+    flat = jax.lax.fori_loop(0, steps, lambda _, x: newton(x, None)[0], flat0)
+    return unravel(flat), jnp.linalg.norm(jax.grad(loss)(flat))
+
+
+def run_unit(runner: Runner, unit: Unit) -> dict:
+    """One run of ``unit`` (module docstring): its curves at every evaluation point."""
+    points = runner.num_points
+    ostate = runner.init(unit)
+    compiled, compile_s = runner.chunk(unit, ostate)
+    times = np.zeros(points)
+    oracles = np.zeros((points, len(ORACLES)), np.int64)
+    metrics = np.full((points, len(runner.metric_names)), np.nan)
+    cosines = np.full(points, np.nan)
+    residuals = np.full(points, np.nan)
+    t_eval = time.perf_counter()
+    metrics[0], cosines[0], theta_ref, residuals[0] = runner.measure(
+        ostate.method.params, ostate.hparams, None, None, None
+    )
+    eval_s = time.perf_counter() - t_eval
+    elapsed, total = 0.0, np.zeros(len(ORACLES), np.int64)
+    for e in range(1, points):
+        fastest = math.inf
+        for _ in range(runner.cfg.timing_repeats):
+            t0 = time.perf_counter()
+            out = compiled(ostate, unit.lr, unit.knob, runner.inner_arg, runner.outer_arg)
+            out = jax.block_until_ready(out)
+            fastest = min(fastest, time.perf_counter() - t0)
+        elapsed += fastest
+        ostate, counts, grad, grad_at = out
+        total = total + np.asarray(counts, np.int64)
+        times[e], oracles[e] = elapsed, total
+        t_eval = time.perf_counter()
+        metrics[e], cosines[e], theta_ref, residuals[e] = runner.measure(
+            ostate.method.params, ostate.hparams, grad, grad_at, theta_ref
+        )
+        eval_s += time.perf_counter() - t_eval
+    return {
+        "time": times,
+        "oracles": oracles,
+        "metrics": metrics,
+        "cosine": cosines,
+        "residual": residuals,
+        "compile_s": compile_s,
+        "eval_s": eval_s,
+        "load": _load_average(),
+    }
+
+
+def _load_average() -> float:
+    """The machine's 1-minute load average (NaN where the OS does not report one): other
+    processes competing for the cores make wall-clock times noisy; it is reported."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return math.nan
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+def init_results(num_units: int, num_points: int, num_metrics: int) -> dict:
+    """The experiment's state: fixed-shape result arrays for every unit (host numpy)."""
+    return {
+        "next": np.zeros((), np.int64),  # the first unit not yet run
+        "status": np.zeros(num_units, np.int32),  # PENDING, DONE, SKIPPED
+        "skip": np.zeros(num_units, np.int32),  # SKIP_REASONS code
+        "time": np.full((num_units, num_points), np.nan),  # s, cumulative, compile excluded
+        "oracles": np.zeros((num_units, num_points, len(ORACLES)), np.int64),  # cumulative
+        "metrics": np.full((num_units, num_points, num_metrics), np.nan),
+        "cosine": np.full((num_units, num_points), np.nan),
+        "residual": np.full((num_units, num_points), np.nan),  # |∇_θ g(θ*)| of the reference
+        "compile_s": np.full(num_units, np.nan),
+        "eval_s": np.full(num_units, np.nan),
+        "load": np.full(num_units, np.nan),  # 1-minute load average at the unit's end
+    }
+
+
+def build_comparison(task: Task, compare: CompareConfig, run: RunConfig) -> Experiment:
+    """The comparison of every ``compare.methods`` variant on ``task`` as an
+    :class:`~experiments.harness.Experiment` whose steps are the units (module docstring)."""
+    cfg = compare
+    if run.data_parallel:
+        raise ConfigError(
+            "run.data_parallel: not supported by the NHGD comparison (its parallel variants "
+            "place the Fisher update on a second device themselves)"
+        )
+    if (
+        task.sample_weights is not None
+        and cfg.nhgd_dense_samples == "mean"
+        and any(m.startswith("nhgd_dense") for m in cfg.methods)
+    ):
+        raise ConfigError(
+            "compare.nhgd_dense_samples: 'mean' cannot use the task's sample weights (its "
+            "inner loss is a weighted likelihood); use 'woodbury' or 'sequential'"
+        )
+    runner = Runner(task, cfg)
+    units = units_of(cfg)
+    num_points = runner.num_points
+
+    def init_state():
+        return init_results(len(units), num_points, len(runner.metric_names))
+
+    def step(state):
+        state = {k: np.array(v) for k, v in state.items()}
+        i = int(state["next"])
+        unit = units[i]
+        code = skip_code(unit.method, task)
+        head = f"[{i + 1}/{len(units)}] {unit.method} {unit.setting()}"
+        if code:
+            state["status"][i], state["skip"][i] = SKIPPED, code
+            record = {"unit": i, "method": unit.method, "status": "skipped"}
+            _say(f"{head}: {SKIP_REASONS[code]}")
+        else:
+            out = run_unit(runner, unit)
+            state["status"][i] = DONE
+            keys = (
+                "time",
+                "oracles",
+                "metrics",
+                "cosine",
+                "residual",
+                "compile_s",
+                "eval_s",
+                "load",
+            )
+            for k in keys:
+                state[k][i] = out[k]
+            final = dict(zip(runner.metric_names, out["metrics"][-1]))
+            record = {
+                "unit": i,
+                "method": unit.method,
+                "lr": unit.lr,
+                "knob": unit.knob,
+                "status": "done",
+                **{f"final_{k}": v for k, v in final.items()},
+                "run_time_s": float(out["time"][-1]),
+                "oracles": int(out["oracles"][-1].sum()),
+                "compile_s": out["compile_s"],
+                "eval_s": out["eval_s"],
+            }
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in final.items())
+            _say(
+                f"{head}: {shown}  cos {_fmt(mean_finite(out['cosine'][1:]), '.3f')}  "
+                f"{out['time'][-1]:.2f} s (compile {out['compile_s']:.1f} s, "
+                f"eval {out['eval_s']:.1f} s)"
+            )
+        state["next"] = np.asarray(i + 1, np.int64)
+        return state, record
+
+    def finish(state, rundir):
+        summary = summarize(state, units, runner.metric_names, task, cfg)
+        if rundir.primary:
+            write_outputs(rundir, summary, state, units, runner.metric_names, task, cfg)
+            _say(markdown(summary, cfg))
+            _say(f"run directory: {rundir.path}\nplots: {rundir.plots}")
+        return summary
+
+    return Experiment(len(units), init_state, step, finish, checkpoint_every=1)
+
+
+def _say(text: str) -> None:
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def mean_finite(values) -> float | None:
+    """The mean of the finite entries, None if there are none."""
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else None
+
+
+def best_units(state, units: list[Unit]) -> dict[str, int | None]:
+    """Per method, the finished unit with the lowest final val_loss (NaN: +inf); None if
+    none finished."""
+    final = np.nan_to_num(np.asarray(state["metrics"])[:, -1, 0], nan=np.inf)
+    best = {}
+    for m in dict.fromkeys(u.method for u in units):
+        idx = [i for i, u in enumerate(units) if u.method == m and state["status"][i] == DONE]
+        best[m] = min(idx, key=lambda i: final[i]) if idx else None
+    return best
+
+
+def first_reach(values, target: float) -> int | None:
+    """The first index with ``values <= target`` (NaN never reaches), or None."""
+    hit = np.flatnonzero(np.nan_to_num(np.asarray(values, np.float64), nan=np.inf) <= target)
+    return int(hit[0]) if hit.size else None
+
+
+def target_loss(cfg: CompareConfig, finals: dict[str, float]) -> float | None:
+    """The target validation loss (module docstring) from the best final losses."""
+    if cfg.target == "value":
+        return float(cfg.target_value)
+    reached = [v for v in finals.values() if math.isfinite(v)]
+    return max(reached) if reached else None
+
+
+def summarize(state, units, metric_names, task: Task, cfg: CompareConfig) -> dict:
+    metrics = np.asarray(state["metrics"])
+    times, cos = np.asarray(state["time"]), np.asarray(state["cosine"])
+    total = np.asarray(state["oracles"]).sum(axis=-1)
+    best = best_units(state, units)
+    finals = {m: float(metrics[i, -1, 0]) for m, i in best.items() if i is not None}
+    target = target_loss(cfg, finals)
+    rows = []
+    for m, i in best.items():
+        row = {"method": m, "label": LABELS[m]}
+        if i is None:
+            codes = [int(state["skip"][j]) for j, u in enumerate(units) if u.method == m]
+            row["status"] = SKIP_REASONS.get(max(codes), "not run")
+            rows.append(row)
+            continue
+        u = units[i]
+        hit = None if target is None else first_reach(metrics[i, :, 0], target)
+        row.update(
+            status="ok",
+            unit=i,
+            best={"inner_lr": u.lr, KNOBS[m][1]: u.knob},
+            best_setting=u.setting(),
+            final={k: _finite(metrics[i, -1, j]) for j, k in enumerate(metric_names)},
+            run_time_s=float(times[i, -1]),
+            oracles={k: int(state["oracles"][i, -1, j]) for j, k in enumerate(ORACLES)},
+            time_to_target_s=None if hit is None else float(times[i, hit]),
+            oracles_to_target=None if hit is None else int(total[i, hit]),
+            outer_steps_to_target=None if hit is None else hit * cfg.eval_every,
+            mean_cosine=mean_finite(cos[i, 1:]),
+        )
+        rows.append(row)
+    ref = next((r for r in rows if r["method"] == "nhgd_dense" and r["status"] == "ok"), None)
+    for r in rows:
+        ok = r["status"] == "ok" and ref is not None and ref["time_to_target_s"]
+        r["time_ratio_to_nhgd_dense"] = (
+            r["time_to_target_s"] / ref["time_to_target_s"]
+            if ok and r["time_to_target_s"] is not None
+            else None
+        )
+    return {
+        "task": task.name,
+        "primary": task.primary,
+        "metrics": list(metric_names),
+        "target": cfg.target,
+        "target_val_loss": target,
+        "selection": "best grid point per method = lowest final val_loss",
+        "outer_steps": cfg.outer_steps,
+        "eval_every": cfg.eval_every,
+        "inner_steps": cfg.inner_steps,
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "load_average": [mean_finite(state["load"]), _finite(np.nanmax(state["load"]))]
+        if np.isfinite(state["load"]).any()
+        else None,
+        "grids": {
+            m: {"inner_lr": list(cfg.inner_lrs), KNOBS[m][1]: list(grid_of(cfg, m))}
+            for m in cfg.methods
+        },
+        "table": rows,
+    }
+
+
+def grid_of(cfg: CompareConfig, method: str) -> tuple:
+    return getattr(cfg, KNOBS[method][0])
+
+
+def _fmt(x, spec: str = ".4g") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(summary: dict, cfg: CompareConfig) -> str:
+    """``comparison.md``: the table, the rules, the grids."""
+    primary = summary["primary"]
+    extras = [k for k in summary["metrics"] if k not in ("val_loss", primary)]
+    rule = (
+        "the largest of the methods' best final validation losses"
+        if cfg.target == "worst_best"
+        else "compare.target_value"
+    )
+    soba = f"; SOBA: {cfg.inner_steps} iterations per outer step" + (
+        f", outer lr {cfg.outer_lr / cfg.inner_steps:g}" if cfg.soba_scale_outer_lr else ""
+    )
+    lines = [
+        f"# NHGD comparison: {summary['task']}",
+        "",
+        f"{cfg.outer_steps} outer steps per run ({cfg.inner_steps} inner SGD steps each"
+        f"{soba}), evaluated every {cfg.eval_every}; outer optimizer {cfg.outer_optimizer} "
+        f"(lr {cfg.outer_lr:g}) for every method. Best grid point per method = lowest final "
+        f"val_loss. Target val_loss = {_fmt(summary['target_val_loss'])} ({rule}). Times: "
+        "wall-clock seconds of the jitted outer steps (compilation and evaluation excluded) "
+        f"on {len(summary['devices'])} device(s) ({summary['devices'][0]}). Cosine: the last "
+        "hypergradient against the exact implicit one, mean over evaluation points.",
+        "",
+    ]
+    head = [
+        "method",
+        "best setting",
+        "final val loss",
+        primary,
+        *extras,
+        "time to target (s)",
+        "oracles to target",
+        "time / nhgd_dense",
+        "mean cosine",
+    ]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["table"]:
+        if r["status"] != "ok":
+            cells = [r["method"], r["status"], *[""] * (len(head) - 2)]
+        else:
+            f = r["final"]
+            cells = [
+                r["method"],
+                r["best_setting"],
+                _fmt(f["val_loss"]),
+                _fmt(f[primary], ".4f"),
+                *[_fmt(f[k], ".4f") for k in extras],
+                _fmt(r["time_to_target_s"], ".3f"),
+                _fmt(r["oracles_to_target"], "d"),
+                _fmt(r["time_ratio_to_nhgd_dense"], ".2f"),
+                _fmt(r["mean_cosine"], ".3f"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Grids (shared inner lr × one knob per method)",
+        "",
+        f"- inner lr (every method): {list(cfg.inner_lrs)}",
+    ]
+    for m in cfg.methods:
+        lines.append(f"- {m}: {KNOBS[m][1]} ∈ {list(grid_of(cfg, m))}")
+    lines += [
+        f"- fixed: linear_steps {cfg.linear_steps}, nhgd_damping {cfg.nhgd_damping:g}, "
+        f"nhgd_dense_samples {cfg.nhgd_dense_samples}, nhgd_dense_inverse "
+        f"{cfg.nhgd_dense_inverse}, nhgd_reset {cfg.nhgd_reset}, "
+        f"cg_tol {cfg.cg_tol:g}, cg_ridge {cfg.cg_ridge:g}, seed {cfg.seed}, "
+        f"timing_repeats {cfg.timing_repeats}",
+        "",
+    ]
+    load = summary.get("load_average")
+    if load is not None:
+        lines[2] += (
+            f" Machine: {summary['cpu_count']} CPU cores, 1-minute load average after the "
+            f"units: mean {load[0]:.2f}, max {load[1]:.2f} (above the core count, other "
+            "processes competed for the cores and the times are noisy)."
+        )
+    return "\n".join(lines)
+
+
+def _units_table(summary, state, units, metric_names) -> str:
+    head = ["method", "setting", *metric_names, "run time (s)", "oracles", "mean cosine"]
+    lines = ["## Every grid point (final values)", "", "| " + " | ".join(head) + " |"]
+    lines.append("|" + "---|" * len(head))
+    for i, u in enumerate(units):
+        if state["status"][i] != DONE:
+            reason = SKIP_REASONS.get(int(state["skip"][i]), "not run")
+            lines.append("| " + " | ".join([u.method, u.setting(), reason]) + " |")
+            continue
+        cells = [
+            u.method,
+            u.setting(),
+            *[_fmt(_finite(state["metrics"][i, -1, j])) for j in range(len(metric_names))],
+            _fmt(float(state["time"][i, -1]), ".3f"),
+            str(int(state["oracles"][i, -1].sum())),
+            _fmt(mean_finite(state["cosine"][i, 1:]), ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _none_nan(values) -> list:
+    return [None if not math.isfinite(float(v)) else float(v) for v in np.asarray(values)]
+
+
+def curves(state, units, metric_names, cfg: CompareConfig) -> list[dict]:
+    """Every unit's curves (JSON-ready; NaN as null)."""
+    steps = list(range(0, cfg.outer_steps + 1, cfg.eval_every))
+    out = []
+    for i, u in enumerate(units):
+        status = int(state["status"][i])
+        item = {
+            "unit": i,
+            "method": u.method,
+            "inner_lr": u.lr,
+            KNOBS[u.method][1]: u.knob,
+            "status": {PENDING: "pending", DONE: "done", SKIPPED: "skipped"}[status],
+        }
+        if status == SKIPPED:
+            item["reason"] = SKIP_REASONS[int(state["skip"][i])]
+        if status == DONE:
+            oracles = np.asarray(state["oracles"][i])
+            item.update(
+                outer_step=steps,
+                time_s=_none_nan(state["time"][i]),
+                oracles={k: oracles[:, j].tolist() for j, k in enumerate(ORACLES)}
+                | {"total": oracles.sum(axis=1).tolist()},
+                metrics={
+                    k: _none_nan(state["metrics"][i, :, j]) for j, k in enumerate(metric_names)
+                },
+                cosine=_none_nan(state["cosine"][i]),
+                reference_residual=_none_nan(state["residual"][i]),
+                compile_s=float(state["compile_s"][i]),
+                eval_s=float(state["eval_s"][i]),
+                load_average=_finite(state["load"][i]),
+            )
+        out.append(item)
+    return out
+
+
+def write_outputs(rundir, summary, state, units, metric_names, task, cfg) -> None:
+    text = markdown(summary, cfg) + "\n" + _units_table(summary, state, units, metric_names)
+    (rundir.path / "comparison.md").write_text(text)
+    data = {
+        "task": task.name,
+        "config": dataclasses.asdict(cfg),
+        "target_val_loss": summary["target_val_loss"],
+        "best_unit": {r["method"]: r.get("unit") for r in summary["table"]},
+        "units": curves(state, units, metric_names, cfg),
+    }
+    (rundir.path / "curves.json").write_text(json.dumps(data, indent=1) + "\n")
+    write_plots(rundir.plots, summary, state, metric_names, cfg)
+
+
+def write_plots(folder, summary, state, metric_names, cfg: CompareConfig) -> None:
+    import matplotlib.pyplot as plt
+
+    from experiments import plots  # noqa: F401 -- selects the Agg backend
+
+    best = {r["method"]: r["unit"] for r in summary["table"] if r["status"] == "ok"}
+    metrics, times = np.asarray(state["metrics"]), np.asarray(state["time"])
+    total = np.asarray(state["oracles"]).sum(axis=-1)
+    steps = np.arange(0, cfg.outer_steps + 1, cfg.eval_every)
+    target = summary["target_val_loss"]
+    primary = summary["primary"]
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    style = {m: "--" if m.endswith("_parallel") else "-" for m in METHODS}
+
+    def figure(name, x_of, y_of, xlabel, ylabel, hline=None, symlogx=False):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m, i in best.items():
+            ax.plot(x_of(i), y_of(i), style[m], color=colors[m], marker=".", label=LABELS[m])
+        if hline is not None:
+            ax.axhline(hline, color="k", lw=0.8, ls=":", label="target")
+        positive = [x for i in best.values() for x in np.asarray(x_of(i)) if x > 0]
+        if symlogx and positive:  # times span orders of magnitude between methods
+            ax.set_xscale("symlog", linthresh=min(positive))
+            ax.set_xlim(left=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{summary['task']} (best grid point per method)", fontsize="medium")
+        ax.grid(alpha=0.3)
+        if best:
+            ax.legend(fontsize="x-small")
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+
+    j = metric_names.index(primary)
+    figure(
+        "val_loss_time.png",
+        lambda i: times[i],
+        lambda i: metrics[i, :, 0],
+        "wall-clock time (s, compile excluded; symlog)",
+        "validation loss",
+        target,
+        symlogx=True,
+    )
+    figure(
+        "val_loss_oracles.png",
+        lambda i: total[i],
+        lambda i: metrics[i, :, 0],
+        "oracle calls (gradients + HVPs + mixed + outer)",
+        "validation loss",
+        target,
+    )
+    figure(
+        f"{primary}_time.png",
+        lambda i: times[i],
+        lambda i: metrics[i, :, j],
+        "wall-clock time (s, compile excluded; symlog)",
+        primary,
+        symlogx=True,
+    )
+    figure(
+        "cosine.png",
+        lambda i: steps[1:],
+        lambda i: np.asarray(state["cosine"])[i, 1:],
+        "outer step",
+        "cosine with the exact hypergradient",
+    )
+
+    rows = [r for r in summary["table"] if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(rows))
+    values = [r["time_to_target_s"] if r["time_to_target_s"] is not None else 0 for r in rows]
+    ax.bar(x, values, color=[colors[r["method"]] for r in rows])
+    for xi, r in zip(x, rows):
+        if r["time_to_target_s"] is None:
+            ax.text(xi, 0, "not\nreached", ha="center", va="bottom", fontsize="x-small")
+    ax.set_xticks(x, [LABELS[r["method"]] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("time to target val loss (s)")
+    ax.set_title(f"{summary['task']}: target val loss {_fmt(target)}", fontsize="medium")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(folder / "time_to_target.png", dpi=110)
+    plt.close(fig)
