@@ -129,12 +129,13 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
 
 # ----------------------------------------------------------------------------- time to target
 
-# The settings each method is benchmarked at: the best grid points of the committed
-# `nhgd_hyper_cleaning` run (experiments/results/nhgd_hyper_cleaning.md), as (inner lr, knob).
+# The settings each method is benchmarked at, as (inner lr, knob): by default the best grid
+# points of a `nhgd_hyper_cleaning` run's summary.json (--settings), else these.
 SETTINGS = {
     "nhgd_dense": (0.3, 0.99),
     "nhgd_kfac": (0.3, 0.99),
     "nhgd_dense_parallel": (0.3, 0.99),
+    "nhgd_kfac_parallel": (0.3, 0.9),
     "stocbio": (0.3, 0.3),
     "amigo": (0.3, 0.3),
     "soba": (0.3, 0.3),
@@ -152,6 +153,17 @@ def hyper_cleaning(preset: str | None, overrides: list[str]):
     data = cfg_lib.resolve(cfg_lib.load_yaml(source), str(source), preset, overrides)
     cfg = cfg_lib.from_dict(Config, data, str(source))
     return cfg, make_task(cfg)[0]
+
+
+def settings_from(summary_path: Path) -> dict:
+    """The best grid point of every method that ran, from a comparison's summary.json."""
+    table = json.loads(summary_path.read_text())["table"]
+    out = {}
+    for row in table:
+        if row.get("status") == "ok" and row["method"] in SETTINGS:
+            lr, knob = row["best"].values()
+            out[row["method"]] = (lr, knob)
+    return out
 
 
 def time_to_target(preset: str | None, overrides: list[str], repeats: int) -> dict:
@@ -274,7 +286,15 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})"
     )
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=RESULTS.parent.parent / "experiments/results/nhgd_hyper_cleaning/summary.json",
+        help="a nhgd_hyper_cleaning summary.json whose best grid points to use",
+    )
     args = parser.parse_args()
+    if args.settings.is_file() and not args.quick:
+        SETTINGS.update(settings_from(args.settings))
     start = time.perf_counter()
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']} ({info['backend']})")

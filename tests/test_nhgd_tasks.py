@@ -208,7 +208,7 @@ def test_distillation_images_start_at_the_class_means():
 
 @pytest.mark.slow  # ~30-45 s each: one compiled program per method variant
 @pytest.mark.parametrize("name", ["nhgd_regularization", "nhgd_distillation"])
-def test_tiny_comparison_end_to_end(tmp_path, capsys, name):
+def test_tiny_comparison_end_to_end(tmp_path, name):
     assert cli.main(["run", name, "--tiny", "--quiet", "--out", str(tmp_path)]) == 0
     (run,) = tmp_path.iterdir()
     summary = json.loads((run / "summary.json").read_text())
