@@ -39,3 +39,19 @@ def test_estimators_benchmark_quick(tmp_path):
     assert temp[1000, "Forward()"] == temp[100, "Forward()"]
     assert temp[1000, "Unrolled()"] > 5 * temp[100, "Unrolled()"]
     assert data["implicit"]["status"] == "OK"
+
+
+@pytest.mark.slow
+def test_nhgd_benchmark_quick(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "nhgd.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "nhgd.json").read_text())
+    rows = {r["method"]: r for r in data["time_to_target"]["rows"]}
+    assert rows["nhgd_dense"]["time_ratio"] == 1.0
+    assert {"stocbio", "amigo", "soba", "cg", "neumann"} <= rows.keys()
+    assert all(r["fused_s"] > 0 and r["parallel_s"] > 0 for r in data["critical_path"])

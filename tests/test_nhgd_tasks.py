@@ -206,6 +206,20 @@ def test_distillation_images_start_at_the_class_means():
         assert abs(noise.std() - cfg.init_noise) < 0.5 * cfg.init_noise
 
 
+@pytest.mark.parametrize("name", ["nhgd_regularization", "nhgd_distillation"])
+def test_tiny_config_runs_end_to_end_with_two_methods(tmp_path, name):
+    # The task's path through the runner and the CLI with one NHGD variant and one baseline
+    # (compiling is most of the time); every variant runs in the slow test below and in
+    # hyper_cleaning's tiny run (tests/test_nhgd_experiments.py).
+    args = ["run", name, "--tiny", "--quiet", "--out", str(tmp_path)]
+    assert cli.main([*args, "--set", "compare.methods=[nhgd_dense,soba]"]) == 0
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["status"] for r in summary["table"]] == ["ok", "ok"]
+    for r in summary["table"]:
+        assert np.isfinite(r["final"]["val_loss"]) and np.isfinite(r["final"]["test_acc"])
+
+
 @pytest.mark.slow  # ~30-45 s each: one compiled program per method variant
 @pytest.mark.parametrize("name", ["nhgd_regularization", "nhgd_distillation"])
 def test_tiny_comparison_end_to_end(tmp_path, name):
