@@ -144,8 +144,9 @@ def _batch_size(batch) -> int:
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
     if len(sizes) != 1 or None in sizes:
         raise ValueError(
-            "inner_data: the per-sample Fisher needs every batch leaf to share a leading "
-            f"(sample) axis; got leading sizes {sorted(map(str, sizes))}"
+            "inner_data: NHGD's Fisher samples need the batch size (u = √B ḡ, or B "
+            "per-sample gradients), so every batch leaf must share a leading (sample) axis; "
+            f"got leading sizes {sorted(map(str, sizes))}"
         )
     return sizes.pop()
 

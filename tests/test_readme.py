@@ -24,4 +24,14 @@ def test_readme_python_blocks_run():
         "Implicit",
         "Unrolled",
     ]
-    assert float(lines[-1]) <= 1e-6  # check_hypergradient's relative error
+    assert float(lines[6]) <= 1e-6  # check_hypergradient's relative error
+    stochastic = [line.split() for line in lines[7:]]
+    assert [row[0] for row in stochastic] == [
+        "NHGD",
+        "NHGD",
+        "StocBiO",
+        "AmIGO",
+        "SOBA",
+        "SolveAfter",
+    ]
+    assert all(float(row[1]) < 0.6 for row in stochastic)  # validation NLL, from log 2 = 0.69

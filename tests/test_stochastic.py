@@ -257,3 +257,14 @@ def test_solve_mode_fisher_equals_the_damped_inverse_of_the_recorded_gradients(l
     np.testing.assert_allclose(
         fisher.apply(state.fisher, v), jnp.linalg.solve(f + rho * jnp.eye(4), v), rtol=1e-10
     )
+
+
+def test_nhgd_needs_a_shared_sample_axis():
+    problem = hg.BilevelProblem(
+        lambda p, h, b: jnp.sum(p**2) + jnp.sum(b["x"]) * h, lambda p, h, b: jnp.sum(p)
+    )
+    batch = {"x": jnp.ones((4, 2)), "y": jnp.ones(3)}
+    method = st.NHGD(2, 0.1)
+    state = method.init(jnp.zeros(2), jnp.asarray(0.0))
+    with pytest.raises(ValueError, match="inner_data: NHGD's Fisher samples need the batch"):
+        method.step(problem, state, jnp.asarray(0.0), batch, batch, jax.random.key(0))

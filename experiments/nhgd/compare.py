@@ -143,7 +143,6 @@ REFERENCE_CG_ITERS = 100  # CG iterations per Newton step of the reference's inn
 COLD_START_FACTOR = 3  # Newton steps of a cold reference solve, × reference_newton_steps
 SKIP_REASONS = {
     1: "skipped: needs >= 2 JAX devices (on CPU: --local-devices 2)",
-    2: "skipped: stochastic.NHGD has no `parallel` option in this version",
     3: "skipped: the task has no kfac_layers",
 }
 
@@ -282,11 +281,8 @@ def skip_code(name: str, task: Task) -> int:
     """0 if variant ``name`` can run here, else a :data:`SKIP_REASONS` code."""
     if "kfac" in name and not task.kfac_layers:
         return 3
-    if name.endswith("_parallel"):
-        if "parallel" not in stochastic.NHGD._fields:
-            return 2
-        if jax.device_count() < 2:
-            return 1
+    if name.endswith("_parallel") and jax.device_count() < 2:
+        return 1
     return 0
 
 
