@@ -94,7 +94,8 @@ def cmd_run(args) -> int:
             )
         rundir = RunDir.open(args.resume)
         module, config = load_config(rundir.config(), str(rundir.path / "config.yaml"))
-        return _execute(module, config, rundir, args.quiet, resume=True)
+        execute(module.build(config), rundir, quiet=args.quiet, resume=True)
+        return 0
     path = find_config(args.config)
     preset = "tiny" if args.tiny else args.preset
     overrides = [cfg_lib.parse_override(s) for s in args.set]
@@ -102,15 +103,11 @@ def cmd_run(args) -> int:
     if args.out is not None:
         cfg_lib.set_dotted(data, "run.out_dir", args.out, "--out")
     module, config = load_config(data, str(path))
+    experiment = module.build(config)  # before the run directory: a ConfigError leaves none
     rundir = RunDir.create(config.run.out_dir, config.experiment, cfg_lib.to_dict(config))
     if not args.quiet and rundir.primary:
         print(f"{config.experiment}: {path} -> {rundir.path}")
-    return _execute(module, config, rundir, args.quiet, resume=False)
-
-
-def _execute(module, config, rundir, quiet, resume) -> int:
-    experiment = module.build(config)
-    execute(experiment, rundir, quiet=quiet, resume=resume)
+    execute(experiment, rundir, quiet=args.quiet, resume=False)
     return 0
 
 

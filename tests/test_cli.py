@@ -196,3 +196,11 @@ def test_two_process_run_matches_single_process(tmp_path, env):
         for r in (one, two)
     ]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+
+
+def test_config_error_found_while_building_leaves_no_run_directory(tmp_path, capsys):
+    # The batch size is only checked against the data when the experiment is built.
+    args = ["run", "nhgd_hyper_cleaning", "--tiny", "--quiet", "--out", str(tmp_path)]
+    assert cli.main([*args, "--set", "data.batch_size=100000"]) == 2
+    assert "data.batch_size: 100000 >" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
