@@ -5,8 +5,9 @@ Variants (:data:`METHODS`), all from :mod:`hypergrad_jax.stochastic`, all with i
 step ``lr`` and ``T = compare.inner_steps`` inner steps per outer step:
 
 * ``nhgd_dense``: ``NHGD`` with a ``DenseFisher`` (EMA factor ``β``, prior ``nhgd_damping``,
-  ``nhgd_dense_samples`` samples per step — a task with ``sample_weights`` needs per-sample
-  samples, ``"woodbury"`` or ``"sequential"`` — and ``nhgd_dense_inverse``: ``"online"``, the
+  ``nhgd_dense_samples`` samples per step — the task's ``sample_weights`` correct per-sample
+  samples; ``"mean"``, the paper's rank-1 ``√B ḡ``, has none to correct — and
+  ``nhgd_dense_inverse``: ``"online"``, the
   paper's inverse updated every inner step, or ``"solve"``, one solve after the loop with
   ``nhgd_damping`` as a constant ridge);
 * ``nhgd_kfac``: ``NHGD`` with ``kfac.KFACFisher(task.kfac_layers)`` (EMA ``β``, same prior);
@@ -261,7 +262,9 @@ def make_method(name: str, task: Task, cfg: CompareConfig, lr, knob):
                 "ema", knob, cfg.nhgd_damping, cfg.nhgd_dense_samples, cfg.nhgd_dense_inverse
             )
         extra = {"parallel": True} if name.endswith("_parallel") else {}
-        return stochastic.NHGD(T, lr, fisher, cfg.nhgd_reset, task.sample_weights, **extra)
+        # The rank-1 mean-gradient sample (the paper's) has no per-sample weights to correct.
+        weights = task.sample_weights if fisher.per_sample else None
+        return stochastic.NHGD(T, lr, fisher, cfg.nhgd_reset, weights, **extra)
     if name == "stocbio":
         return stochastic.StocBiO(T, lr, cfg.linear_steps, knob)
     if name == "amigo":
@@ -541,15 +544,6 @@ def build_comparison(task: Task, compare: CompareConfig, run: RunConfig) -> Expe
         raise ConfigError(
             "run.data_parallel: not supported by the NHGD comparison (its parallel variants "
             "place the Fisher update on a second device themselves)"
-        )
-    if (
-        task.sample_weights is not None
-        and cfg.nhgd_dense_samples == "mean"
-        and any(m.startswith("nhgd_dense") for m in cfg.methods)
-    ):
-        raise ConfigError(
-            "compare.nhgd_dense_samples: 'mean' cannot use the task's sample weights (its "
-            "inner loss is a weighted likelihood); use 'woodbury' or 'sequential'"
         )
     runner = Runner(task, cfg)
     units = units_of(cfg)
