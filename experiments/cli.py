@@ -19,7 +19,7 @@ from pathlib import Path
 
 from experiments import config as cfg_lib
 from experiments.harness import execute
-from experiments.rundir import RunDir
+from experiments.rundir import CheckpointError, RunDir
 
 # experiment name -> module with ``Config`` (a dataclass) and ``build(config) -> Experiment``
 EXPERIMENTS = {
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         return {"run": cmd_run, "list": cmd_list}[args.command](args)
-    except (cfg_lib.ConfigError, FileNotFoundError) as e:
+    except (cfg_lib.ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"hypergrad: error: {e}", file=sys.stderr)
         return 2
 

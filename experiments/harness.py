@@ -36,8 +36,9 @@ class Experiment(NamedTuple):
 def execute(exp: Experiment, run: RunDir, *, quiet: bool = False, resume: bool = False) -> dict:
     """Runs (or resumes) ``exp`` in ``run`` and returns its summary."""
     state, start = exp.init_state(), 0
-    if resume and run.latest_step() is not None:
-        start, state = run.restore(state)
+    restored = run.restore(state) if resume else None
+    if restored is not None:
+        start, state = restored
         run.keep_metrics_before(start)
         if not quiet:
             print(f"resuming {run.path} from outer step {start}")

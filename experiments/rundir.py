@@ -9,7 +9,9 @@
 
 Checkpoints are written by orbax into a temporary folder and renamed when complete, and the
 last two complete ones are kept, so a run killed mid-write still resumes from the last
-good checkpoint.
+good checkpoint. A complete checkpoint damaged afterwards (a truncated file, empty metadata,
+a missing folder) is reported in one line on ``--resume``, moved to
+``damaged_checkpoints/``, and the run continues from the newest one that restores.
 
 Multi-process runs (``jax.distributed``): every process computes, process 0 alone writes
 (the folder name is agreed by broadcast); the outer state is identical on every process,
@@ -18,9 +20,12 @@ so process 0 checkpoints its host copy and every process restores from the files
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -141,21 +146,121 @@ class RunDir:
         return self.checkpoints.latest_step()
 
     def restore(self, template):
-        """The latest checkpoint, in the structure (and key types) of ``template``."""
-        step = self.latest_step()
+        """``(step, state)`` from the newest checkpoint that restores, in the structure (and
+        key types) of ``template``; ``None`` when there is no checkpoint.
+
+        A step that fails to restore (a truncated array file, empty metadata, a missing
+        folder: a disk filled or a copy cut short) is reported in one line on stderr and
+        moved aside to ``damaged_checkpoints/<step>`` (never deleted), and the next older
+        step is tried. Raises :class:`CheckpointError` when none restores.
+        """
         stored = _storable(template)
         abstract = jax.tree.map(
             lambda x: np.zeros(np.shape(x), x.dtype), jax.device_get(stored)
         )  # host arrays: no device placement to agree on across processes
-        restored = self.checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
-        leaves = jax.tree.leaves(restored)
-        return step, jax.tree.map(
-            _unstorable, template, jax.tree.unflatten(jax.tree.structure(stored), leaves)
-        )
+        steps = sorted(self.checkpoints.all_steps(), reverse=True)
+        damaged, found = [], None
+        for step in steps:
+            try:
+                leaves = jax.tree.leaves(self._read(step, abstract))
+                _check_like(leaves, jax.tree.leaves(abstract))
+            except Exception as e:  # noqa: BLE001 -- any failure to read means "damaged"
+                damaged.append((step, _one_line(e)))
+                continue
+            found = step, jax.tree.map(
+                _unstorable, template, jax.tree.unflatten(jax.tree.structure(stored), leaves)
+            )
+            break
+        _sync("hypergrad-restore")  # every process has read before process 0 moves files
+        moved = [(step, why, self._set_aside(step)) for step, why in damaged]
+        if damaged:
+            self.close()
+            self._checkpoints = None  # a fresh manager lists the remaining steps
+        if found is None and steps:
+            whys = "; ".join(f"step {step}: {why}" for step, why, _ in moved)
+            raise CheckpointError(
+                f"--resume: no checkpoint in {self.path / 'checkpoints'} restores ({whys}); "
+                f"moved to {self.path / 'damaged_checkpoints'}; start a new run"
+            )
+        for step, why, aside in moved if self.primary else ():
+            print(
+                f"hypergrad: checkpoint step {step} does not restore ({why}); moved to {aside}",
+                file=sys.stderr,
+            )
+        return found
+
+    def _read(self, step: int, abstract):
+        """Checkpoint ``step`` read on its own (not through the manager, which infers the
+        layout of every step from the newest one's), with the stray tracebacks that
+        tensorstore's reader threads print when a read fails kept off the terminal."""
+        me = jax.process_index()
+        folder = (self.path / "checkpoints" / str(step) / "default").absolute()
+        options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        with _quiet_background():
+            try:
+                with ocp.StandardCheckpointer(multiprocessing_options=options) as reader:
+                    return reader.restore(folder, abstract)
+            except Exception:
+                time.sleep(0.2)  # let the other reads of a failed restore finish quietly
+                raise
+
+    def _set_aside(self, step: int) -> Path:
+        """Moves checkpoint ``step`` to ``damaged_checkpoints/`` (a fresh name if taken)."""
+        folder = self.path / "damaged_checkpoints"
+        target, n = folder / str(step), 1
+        while target.exists():
+            n += 1
+            target = folder / f"{step}-{n}"
+        if self.primary:
+            folder.mkdir(exist_ok=True)
+            (self.path / "checkpoints" / str(step)).rename(target)
+        return target
 
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.close()
+
+
+@contextlib.contextmanager
+def _quiet_background():
+    """Keeps what background callbacks raise or print (tensorstore's readers after one read
+    of a restore failed: "Event loop is closed", unraisable in their threads) off stderr;
+    the failure itself is raised in the calling thread and reported there."""
+    hooks = threading.excepthook, sys.unraisablehook
+    threading.excepthook = sys.unraisablehook = lambda args: None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        threading.excepthook, sys.unraisablehook = hooks
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run restores (reported as one line by the CLI)."""
+
+
+def _one_line(e: Exception, limit: int = 160) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_like(leaves, expected) -> None:
+    """Restored leaves must have the template's shapes and dtypes."""
+    if len(leaves) != len(expected):
+        raise ValueError(f"{len(leaves)} arrays stored, {len(expected)} expected")
+    for got, want in zip(leaves, expected):
+        if np.shape(got) != np.shape(want) or np.asarray(got).dtype != want.dtype:
+            raise ValueError(
+                f"an array is {np.asarray(got).dtype}{list(np.shape(got))}, "
+                f"expected {want.dtype}{list(np.shape(want))}"
+            )
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _from_process_0(text: str) -> str:

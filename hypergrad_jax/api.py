@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 from hypergrad_jax.linalg import SolveInfo
 from hypergrad_jax.problem import (
@@ -18,6 +20,7 @@ from hypergrad_jax.problem import (
     optimality_batch,
     validate,
 )
+from hypergrad_jax.static import Static
 
 PyTree = Any
 
@@ -81,30 +84,6 @@ def solve(
     return _solve(static, params0, inner_data, hparams, key)
 
 
-class _Static:
-    """A static ``jit`` argument, hashed by value when it is hashable (so ``hg.Implicit()``
-    built afresh each call hits the cache) and by identity otherwise (e.g. a solver
-    option given as an array)."""
-
-    def __init__(self, value):
-        self.value = value
-        try:
-            self._hash = hash(value)
-            self._by_value = True
-        except TypeError:
-            self._hash, self._by_value = id(value), False
-
-    def __hash__(self):
-        return self._hash
-
-    def __eq__(self, other):
-        if not isinstance(other, _Static):
-            return False
-        if self._by_value and other._by_value:
-            return self.value == other.value
-        return self.value is other.value
-
-
 def _is_function(x) -> bool:
     """A callable that is a pytree leaf (a plain function): a static argument. A callable
     pytree of arrays (e.g. :class:`hypergrad_jax.data.Sampler`) is traced instead, so its
@@ -118,7 +97,7 @@ def _split(problem, run, estimator, params0, inner_data, *extra):
     become one static argument of the internal ``jit``; pytrees stay traced."""
     fns = tuple(x if _is_function(x) else None for x in (params0, inner_data))
     trees = tuple(None if _is_function(x) else x for x in (params0, inner_data))
-    return _Static((problem, run, estimator, *fns, *extra)), *trees
+    return Static((problem, run, estimator, *fns, *extra)), *trees
 
 
 def _join(fn, tree):
@@ -160,8 +139,15 @@ def hypergradient(
       outer_data: the batch the outer loss is evaluated on.
       warm_start: initial guess for ``Implicit``'s linear solve (e.g. the previous
         ``info.adjoint``); ignored by the others.
-      throw: raise :class:`HypergradientError` when the status is not OK (also under
-        ``jit``, through a host callback). Default: report it in ``info.status``.
+      throw: raise when the status is not OK. Default: report it in ``info.status``.
+        Called eagerly (the usual case: this function jits internally), it raises
+        :class:`HypergradientError`. Under an outer ``jit``/``vmap``/``grad`` the status is
+        not known until the transformed function runs, so it becomes a
+        ``jax.experimental.checkify`` check: wrap the transformed function in
+        ``checkify.checkify`` and call ``err.throw()``, which raises checkify's
+        ``JaxRuntimeError`` (message ``hypergradient failed: status ...``); an outer
+        ``jit`` without ``checkify`` fails at trace time with JAX's "not functionalized"
+        error. For the exact type, return ``info`` and call :func:`raise_if_failed` on it.
       (other arguments as in :func:`solve`)
 
     Returns:
@@ -170,13 +156,23 @@ def hypergradient(
     """
     _check_estimator(estimator)
     validate(problem, run, hparams, params0, inner_data, key, outer_data)
-    static, params0, inner_data = _split(problem, run, estimator, params0, inner_data, throw)
-    return _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_start)
+    static, params0, inner_data = _split(problem, run, estimator, params0, inner_data)
+    g, info = _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_start)
+    if throw:
+        if isinstance(info.status, jax.core.Tracer):
+            checkify.check(
+                jnp.all(info.status == Status.OK),
+                "hypergradient failed: status {status} (1 NONFINITE, 2 SOLVE_NOT_CONVERGED)",
+                status=info.status,
+            )
+        else:
+            raise_if_failed(info)
+    return g, info
 
 
 @partial(jax.jit, static_argnums=0)
 def _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_start):
-    problem, run, estimator, params0_fn, data_fn, throw = static.value
+    problem, run, estimator, params0_fn, data_fn = static.value
     params0, inner_data = _join(params0_fn, params0), _join(data_fn, inner_data)
     g, value, theta, solve_info, adjoint = estimator.grad(
         problem, run, hparams, params0, inner_data, outer_data, key, warm_start
@@ -191,17 +187,19 @@ def _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_s
             (status == Status.OK) & ~solve_info.converged, Status.SOLVE_NOT_CONVERGED, status
         )
     info = Info(value, theta, residual, status.astype(jnp.int32), solve_info, adjoint)
-    if throw:
-        jax.debug.callback(_raise_for_status, info.status)
     return g, info
 
 
-def _raise_for_status(status) -> None:
-    status = Status(int(status))
-    if status != Status.OK:
-        raise HypergradientError(f"hypergradient failed with status {status.name}")
-
-
 def raise_if_failed(info: Info) -> None:
-    """Raises :class:`HypergradientError` if ``info.status`` is not OK (outside ``jit``)."""
-    _raise_for_status(info.status)
+    """Raises :class:`HypergradientError` if ``info.status`` is not OK: call it on concrete
+    results, outside ``jit``. A batched status (from ``vmap``) fails if any entry does."""
+    if isinstance(info.status, jax.core.Tracer):
+        raise TypeError(
+            "raise_if_failed: info.status is traced; call it on the result of the "
+            "jitted/vmapped function, outside the transformation"
+        )
+    codes = np.asarray(info.status).ravel()
+    failed = sorted({Status(int(c)).name for c in codes if c != Status.OK})
+    if failed:
+        where = "" if codes.size == 1 else f" ({int(np.sum(codes != Status.OK))} of {codes.size})"
+        raise HypergradientError(f"hypergradient failed with status {', '.join(failed)}{where}")

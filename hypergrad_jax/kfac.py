@@ -75,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hypergrad_jax.linalg import _woodbury
+from hypergrad_jax.static import typed
 
 PyTree = Any
 
@@ -175,6 +176,7 @@ def _apply_layer(a_inv, s_inv, w, b):
 # --------------------------------------------------------------------------- the curvature
 
 
+@typed
 class KFACFisher(NamedTuple):
     """Block-diagonal K-FAC Fisher inverse over the dense layers of an MLP (see module doc).
 

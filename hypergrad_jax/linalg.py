@@ -16,17 +16,20 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from hypergrad_jax.static import typed
+
 PyTree = Any
 
 
 class SolveInfo(NamedTuple):
-    residual: jax.Array  # float[]: ||A x - b|| / ||b|| (0 when b = 0)
+    residual: jax.Array  # float32/64[]: ||A x - b|| / ||b|| of the returned x (||A x|| when b = 0)
     iterations: jax.Array  # int32[]: matvecs used (dense solvers: the dimension)
-    converged: jax.Array  # bool[]: residual <= tol (dense and Neumann: always True)
+    converged: jax.Array  # bool[]: residual <= tol, for every solver
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """``Σ <a_i, b_i>`` over leaves, accumulated in at least float32."""
+    return sum(jnp.vdot(_wide(x), _wide(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
@@ -50,10 +53,72 @@ def damped(matvec: Callable, ridge: float) -> Callable:
     return lambda v: tree_axpy(ridge, v, matvec(v))
 
 
+def _wide(x):
+    """``x`` in at least float32 (16-bit floats are widened; float32/64 unchanged)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def default_tol(b: PyTree) -> float:
+    """The relative residual a solve of ``b``'s precision can certify, used when a solver's
+    ``tol`` is ``None``: 1e-10 in float64, 1e-5 in float32, 1e-2 in 16-bit floats (the
+    least precise leaf decides)."""
+    eps = max(float(jnp.finfo(jnp.result_type(x)).eps) for x in jax.tree.leaves(b))
+    return 1e-10 if eps < 1e-15 else 1e-5 if eps < 1e-6 else 1e-2
+
+
 def _relative_residual(matvec, x, b):
     r = tree_axpy(-1.0, matvec(x), b)
     nb = tree_norm(b)
     return jnp.where(nb > 0, tree_norm(r) / jnp.where(nb > 0, nb, 1.0), tree_norm(r))
+
+
+def _require(ok: bool, name: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_options(solver) -> None:
+    """Clear errors for bad options, at the solver's first use (trace time). Options given
+    as arrays (e.g. a traced ``maxiter`` swept with ``vmap``) are checked for their kind
+    only: their values are not known while tracing."""
+    cls = type(solver).__name__
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for name in ("maxiter", "steps", "power_iterations"):
+        if hasattr(solver, name):
+            value = getattr(solver, name)
+            if hasattr(value, "dtype"):
+                ok = jnp.issubdtype(value.dtype, jnp.integer) and jnp.ndim(value) == 0
+                _require(ok, f"{cls}.{name}", "a positive int (or an int32 scalar)", value)
+            else:
+                _require(_is_int(value) and value >= 1, f"{cls}.{name}", "a positive int", value)
+    if number(solver.ridge):
+        _require(solver.ridge >= 0, f"{cls}.ridge", "a float >= 0", solver.ridge)
+    if solver.tol is not None and number(solver.tol):
+        _require(solver.tol >= 0, f"{cls}.tol", "None or a float >= 0", solver.tol)
+    eta = getattr(solver, "eta", None)
+    if eta is not None and number(eta):
+        _require(eta > 0, f"{cls}.eta", "None (automatic) or a float > 0", eta)
+
+
+def _solve(solver, iterate, matvec, b, x0):
+    """The skeleton every solver shares: validate the options, iterate in at least float32
+    (``iterate(matvec, b, x0, tol) -> (x, matvecs)``, the operator applied in its own
+    precision), return ``x`` in ``b``'s dtypes and check the tolerance on that returned
+    ``x`` with one more matvec, in the precision the result is used in."""
+    _check_options(solver)
+    tol = default_tol(b) if solver.tol is None else solver.tol
+    narrow = lambda v: jax.tree.map(lambda u, like: u.astype(jnp.result_type(like)), v, b)  # noqa: E731
+    wide_matvec = lambda v: jax.tree.map(_wide, matvec(narrow(v)))  # noqa: E731
+    wide = lambda v: None if v is None else jax.tree.map(_wide, v)  # noqa: E731
+    x, matvecs = iterate(wide_matvec, wide(b), wide(x0), tol)
+    x = narrow(x)
+    residual = _relative_residual(matvec, x, b)
+    return x, SolveInfo(residual, jnp.asarray(matvecs, jnp.int32), residual <= tol)
 
 
 def _call(self, matvec, b, x0=None):
@@ -61,24 +126,35 @@ def _call(self, matvec, b, x0=None):
     return self.run(damped(matvec, self.ridge), b, x0)
 
 
+@typed
 class CG(NamedTuple):
     """Conjugate gradient for symmetric positive definite ``H + ridge I``.
 
     The default for implicit differentiation: it needs only HVPs and converges in
-    ``O(sqrt(cond))`` iterations. Stops when ``||r|| <= tol * ||b||`` or after ``maxiter``.
+    ``O(sqrt(cond))`` iterations. Stops when ``||r|| <= tol * ||b||`` or after ``maxiter``;
+    ``converged`` is that test on the *returned* solution's true residual (one more matvec),
+    not on CG's recursively updated one, which drifts from it in low precision.
+
+    Precision: the iteration runs in at least float32 (16-bit vectors are widened, the
+    operator sees its own dtype), and the tolerance is checked on the result in its own
+    dtype. ``tol=None`` picks :func:`default_tol` from ``b``'s dtype (1e-10 float64, 1e-5
+    float32, 1e-2 16-bit): a bfloat16 solution cannot certify 1e-10, and says so.
     """
 
     maxiter: int = 100
-    tol: float = 1e-10
+    tol: float | None = None
     ridge: float = 0.0
 
     __call__ = _call
 
     def run(self, matvec, b, x0=None):
         """Solves ``matvec(x) = b`` (``matvec`` already damped)."""
+        return _solve(self, self._iterate, matvec, b, x0)
+
+    def _iterate(self, matvec, b, x0, tol):
         x = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
         r = tree_axpy(-1.0, matvec(x), b)
-        bound = (self.tol * tree_norm(b)) ** 2
+        bound = (tol * tree_norm(b)) ** 2
 
         def cond(c):
             _, r, _, rr, k = c
@@ -95,70 +171,114 @@ class CG(NamedTuple):
             return x, r, p, rr_new, k + 1
 
         rr = tree_vdot(r, r)
-        x, r, _, rr, k = jax.lax.while_loop(cond, body, (x, r, r, rr, jnp.int32(0)))
-        res = _relative_residual(matvec, x, b)
-        return x, SolveInfo(res, k, rr <= bound)
+        x, _, _, _, k = jax.lax.while_loop(cond, body, (x, r, r, rr, jnp.int32(0)))
+        return x, k
 
 
+@typed
 class Neumann(NamedTuple):
     """Truncated Neumann series ``x = eta * sum_{j<steps} (I - eta A)^j b`` (+ ``x0`` term).
 
-    Converges when ``0 < eta < 2 / lambda_max(A)``; with ``steps`` terms the error
-    contracts like ``(1 - eta * lambda_min)^steps``. The solver stocBiO uses.
+    Converges only when ``0 < eta < 2 / lambda_max(A)``: above that the series *diverges*
+    (a step of 1 on a Hessian with eigenvalues up to 3.8 multiplies the error by 2.8 per
+    term). With ``steps`` terms the error contracts like ``(1 - eta * lambda_min)^steps``.
+    The solver stocBiO uses.
+
+    ``eta=None`` (the default) is safe: ``eta = 1 / lambda_hat`` with ``lambda_hat`` from
+    ``power_iterations`` power iterations on the initial residual (that many more matvecs,
+    counted in ``iterations``). Power iteration approaches ``lambda_max`` from below, and
+    the series converges as long as ``lambda_hat > lambda_max / 2``; the estimate is the
+    largest eigenvalue present in the residual, which is what the series is applied to.
+    A diverging or unfinished series is never reported converged: ``converged`` is the
+    residual test ``||A x - b|| <= tol ||b||`` on the result (``tol=None``:
+    :func:`default_tol`), so it surfaces as ``Status.SOLVE_NOT_CONVERGED``.
     """
 
     steps: int = 50
-    eta: float = 1.0
+    eta: float | None = None
     ridge: float = 0.0
+    tol: float | None = None
+    power_iterations: int = 10
 
     __call__ = _call
 
     def run(self, matvec, b, x0=None):
+        return _solve(self, self._iterate, matvec, b, x0)
+
+    def _iterate(self, matvec, b, x0, tol):
+        del tol  # a fixed number of terms; the tolerance is checked on the result
         # Richardson iteration x <- x + eta (b - A x): from x0 = 0 its k-th iterate is the
         # k-term Neumann series, and a warm start x0 is used as given.
         x = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
+        eta, matvecs = self.eta, self.steps
+        if eta is None:
+            r0 = b if x0 is None else tree_axpy(-1.0, matvec(x), b)
+            eta = 1.0 / _largest_eigenvalue(matvec, r0, self.power_iterations)
+            matvecs += self.power_iterations + (x0 is not None)
 
         def body(_, x):
-            return tree_axpy(self.eta, tree_axpy(-1.0, matvec(x), b), x)
+            return tree_axpy(eta, tree_axpy(-1.0, matvec(x), b), x)
 
-        x = jax.lax.fori_loop(0, self.steps, body, x)
-        res = _relative_residual(matvec, x, b)
-        return x, SolveInfo(res, jnp.int32(self.steps), jnp.isfinite(res))
+        return jax.lax.fori_loop(0, self.steps, body, x), matvecs
 
 
-def _dense_run(matvec, b, dense_solve):
+def _largest_eigenvalue(matvec, v, iterations):
+    """``||A v_k||`` after ``iterations`` power iterations from ``v`` (1.0 when ``v = 0``,
+    where any step is as good as another)."""
+
+    def normalise(v):
+        n = tree_norm(v)
+        return jax.tree.map(lambda x: x / jnp.where(n > 0, n, 1.0), v), n
+
+    def body(_, carry):
+        v, _ = carry
+        return normalise(matvec(v))
+
+    v, n = normalise(v)
+    _, lam = jax.lax.fori_loop(0, iterations, body, (v, n))
+    return jnp.where(lam > 0, lam, 1.0)
+
+
+def _dense_iterate(dense_solve):
     """Materialises ``matvec`` as a matrix (``n`` matvecs) and applies ``dense_solve``."""
-    flat_b, unravel = ravel_pytree(b)
-    mat = jax.jacfwd(lambda f: ravel_pytree(matvec(unravel(f)))[0])(flat_b)
-    x = unravel(dense_solve(mat, flat_b))
-    res = _relative_residual(matvec, x, b)
-    return x, SolveInfo(res, jnp.int32(flat_b.size), jnp.isfinite(res))
+
+    def iterate(matvec, b, x0, tol):
+        del x0, tol
+        flat_b, unravel = ravel_pytree(b)
+        mat = jax.jacfwd(lambda f: ravel_pytree(matvec(unravel(f)))[0])(flat_b)
+        return unravel(dense_solve(mat, flat_b)), flat_b.size
+
+    return iterate
 
 
+@typed
 class Cholesky(NamedTuple):
-    """Dense Cholesky solve: materialises ``A`` with ``n`` matvecs. Small problems only."""
+    """Dense Cholesky solve: materialises ``A`` with ``n`` matvecs. Small problems only.
+    ``converged`` is the residual test (``tol=None``: :func:`default_tol`); an indefinite
+    ``A`` gives NaN and is not converged."""
 
     ridge: float = 0.0
+    tol: float | None = None
 
     __call__ = _call
 
     def run(self, matvec, b, x0=None):
-        del x0
-        return _dense_run(
-            matvec, b, lambda m, f: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m), f)
-        )
+        cho = lambda m, f: jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m), f)  # noqa: E731
+        return _solve(self, _dense_iterate(cho), matvec, b, x0)
 
 
+@typed
 class LU(NamedTuple):
-    """Dense LU solve for non-symmetric or indefinite ``A``. Small problems only."""
+    """Dense LU solve for non-symmetric or indefinite ``A``. Small problems only.
+    ``converged`` is the residual test (``tol=None``: :func:`default_tol`)."""
 
     ridge: float = 0.0
+    tol: float | None = None
 
     __call__ = _call
 
     def run(self, matvec, b, x0=None):
-        del x0
-        return _dense_run(matvec, b, jnp.linalg.solve)
+        return _solve(self, _dense_iterate(jnp.linalg.solve), matvec, b, x0)
 
 
 # --------------------------------------------------------------------------- Fisher inverse

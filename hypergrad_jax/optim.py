@@ -26,9 +26,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hypergrad_jax.static import typed
+
 PyTree = Any
 
 
+@typed
 class InnerOptimizer(NamedTuple):
     """An inner optimizer: pure ``init``/``update`` plus the hyperparameters it reads.
 

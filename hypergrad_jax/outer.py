@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hypergrad_jax.api import hypergradient
+from hypergrad_jax.api import Status, hypergradient
 
 PyTree = Any
 
@@ -106,7 +106,9 @@ def step(
     )
     updates, opt_state = optimizer.update(grad, state.opt_state, state.hparams)
     hparams = optax.apply_updates(state.hparams, updates)
-    ok = info.status == 0
+    # An unconverged solve still gives a usable (reported) hypergradient; only a
+    # non-finite one would poison the hyperparameters.
+    ok = info.status != Status.NONFINITE
     if skip_nonfinite:
         hparams, opt_state = jax.tree.map(
             lambda new, old: jnp.where(ok, new, old),

@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from hypergrad_jax import optim
+from hypergrad_jax.static import typed
 
 PyTree = Any
 
 
+@typed
 class BilevelProblem(NamedTuple):
     """``min_λ f(θ_T(λ), λ)`` where ``θ_T(λ)`` trains ``g(·, λ)``.
 
@@ -47,6 +49,7 @@ def optimizer_hparams(hparams: PyTree) -> PyTree:
     return hparams["optimizer"]
 
 
+@typed
 class InnerRun(NamedTuple):
     """A fixed-length inner training run.
 

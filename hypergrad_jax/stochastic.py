@@ -43,6 +43,7 @@ from jax.flatten_util import ravel_pytree
 from hypergrad_jax import linalg
 from hypergrad_jax.linalg import tree_axpy
 from hypergrad_jax.problem import batch_at
+from hypergrad_jax.static import typed
 
 PyTree = Any
 
@@ -167,6 +168,7 @@ class FisherMatrix(NamedTuple):
     count: jax.Array  # int32[]: updates so far
 
 
+@typed
 class DenseFisher(NamedTuple):
     """A dense empirical Fisher ``F̂`` and its inverse ``A`` (``O(|θ|²)`` memory).
 
@@ -284,6 +286,7 @@ class DenseFisher(NamedTuple):
 SAMPLE_WEIGHT_FLOOR = 1e-3  # NHGD.sample_weights: amplification of unweighted terms <= ~32x
 
 
+@typed
 class NHGD(NamedTuple):
     """Natural hypergradient descent (Kong, Chen, Zhang, Mou 2026; ALGORITHMS.md §3).
 
@@ -430,6 +433,7 @@ def _parallel_inner_loop(method, problem, hparams, params, fisher, inner_data, k
     return run(params, fisher, hparams, key)
 
 
+@typed
 class StocBiO(NamedTuple):
     """stocBiO (Ji, Yang, Liang 2021): ``num_steps`` SGD steps, then the Neumann series
     ``v = η Σ_{j<Q} Π_{i<j} (I − η H_i) ∇_θ f`` with a fresh minibatch Hessian ``H_i`` per
@@ -468,6 +472,7 @@ class StocBiO(NamedTuple):
         return State(params, v, (), state.step + 1), grad, stats
 
 
+@typed
 class AmIGO(NamedTuple):
     """AmIGO (Arbel & Mairal 2022): ``num_steps`` warm-started SGD steps, then
     ``linear_steps`` SGD steps ``v ← v − γ (H_j v − ∇_θ f)`` on fresh minibatches, ``v``
@@ -503,6 +508,7 @@ class AmIGO(NamedTuple):
         return State(params, v, (), state.step + 1), grad, stats
 
 
+@typed
 class SOBA(NamedTuple):
     """SOBA (Dagréou, Ablin, Vaiter, Moreau 2022): a single loop. Per outer step, on one
     minibatch at the current ``(θ, v)``: ``ĥ = ∇_λ f − ∂²_{λθ} g · v``,
@@ -533,6 +539,7 @@ class SOBA(NamedTuple):
         return State(params, v, (), state.step + 1), grad, stats
 
 
+@typed
 class SolveAfter(NamedTuple):
     """Optimize-then-approximate: ``num_steps`` SGD steps, then ``(H + ridge I) v = ∇_θ f``
     solved by ``solver`` (:class:`~hypergrad_jax.linalg.CG`, ``Neumann``) on one fresh

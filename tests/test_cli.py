@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +205,68 @@ def test_config_error_found_while_building_leaves_no_run_directory(tmp_path, cap
     assert cli.main([*args, "--set", "data.batch_size=100000"]) == 2
     assert "data.batch_size: 100000 >" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- damaged newest checkpoint
+
+RESUME_ARGS = ["--tiny", "--quiet", "--set", "outer.num_steps=6", "--set", "run.checkpoint_every=2"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """An uninterrupted run: checkpoints at outer steps 4 and 6 kept (the last two)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert cli.main(["run", *RESUME_ARGS, "--out", str(out)]) == 0
+    run = only_run(out)
+    assert checkpoint_steps(run) == [4, 6]
+    return run
+
+
+def _damage(step_dir: Path, how: str) -> None:
+    item = step_dir / "default"
+    if how == "truncated array file":
+        for f in (item / "ocdbt.process_0" / "d").iterdir():
+            f.write_bytes(f.read_bytes()[:10])
+    elif how == "empty metadata":
+        (item / "_METADATA").write_text("")
+    elif how == "missing folder":
+        shutil.rmtree(item)
+
+
+def _outcome(run: Path):
+    summary = json.loads((run / "summary.json").read_text())
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(x)["outer_loss"] for x in lines]
+    return summary["learned_lr_schedule"], summary["learned_weight_decay"], losses
+
+
+@pytest.mark.parametrize("how", ["truncated array file", "empty metadata", "missing folder"])
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(tmp_path, capsys, finished_run, how):
+    # The newest checkpoint (6) is damaged after the run; resuming falls back to 4, says so
+    # in one line, keeps the damaged step aside, and recomputes steps 4-5 to the same bits.
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "summary.json").unlink()
+    _damage(run / "checkpoints" / "6", how)
+    capsys.readouterr()
+    assert cli.main(["run", "--resume", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hypergrad: checkpoint step 6 does not restore ("), err
+    assert err[0].endswith(f"moved to {run / 'damaged_checkpoints' / '6'}")
+    assert (run / "damaged_checkpoints" / "6").is_dir()  # kept, not deleted
+    assert checkpoint_steps(run) == [4, 6]  # 6 written anew
+    assert _outcome(run) == _outcome(finished_run)
+
+
+def test_resume_with_no_restorable_checkpoint_is_one_line(tmp_path, capsys, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    _damage(run / "checkpoints" / "6", "empty metadata")
+    _damage(run / "checkpoints" / "4", "missing folder")
+    capsys.readouterr()
+    assert cli.main(["run", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hypergrad: error: --resume: no checkpoint in ")
+    assert "(step 6: JSONDecodeError" in err[0] and "; step 4: FileNotFoundError" in err[0]
+    assert err[0].endswith("start a new run")
+    assert sorted(p.name for p in (run / "damaged_checkpoints").iterdir()) == ["4", "6"]

@@ -65,3 +65,119 @@ def test_hvp_matches_dense_hessian(getkey):
     np.testing.assert_allclose(
         hg.linalg.hvp(fun, w, v, 2.0), jax.hessian(fun)(w, 2.0) @ v, rtol=1e-12
     )
+
+
+# ------------------------------------------------------------ converged means the residual test
+
+ALL_SOLVERS = [
+    hg.CG(maxiter=3),
+    hg.CG(),
+    hg.Neumann(steps=5, eta=0.01),
+    hg.Neumann(steps=20, eta=0.03),  # 0.03 > 2 / λmax = 0.02: diverges
+    hg.Neumann(),
+    hg.Cholesky(),
+    hg.LU(),
+]
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS, ids=repr)
+def test_converged_is_the_residual_test_on_the_result(getkey, solver):
+    a = spd(getkey(), 8, 100.0)  # eigenvalues 1 .. 100
+    b = jax.random.normal(getkey(), (8,))
+    x, info = solver(lambda v: a @ v, b)
+    # The residual is recomputed here from the returned x, independently of the solver.
+    residual = jnp.linalg.norm(a @ x - b) / jnp.linalg.norm(b)
+    np.testing.assert_allclose(info.residual, residual, rtol=1e-6)
+    tol = hg.linalg.default_tol(b) if solver.tol is None else solver.tol
+    assert bool(info.converged) == bool(residual <= tol)
+
+
+def test_divergent_neumann_series_is_not_converged(getkey):
+    a = spd(getkey(), 8, 100.0)
+    b = jax.random.normal(getkey(), (8,))
+    _, info = hg.Neumann(steps=20, eta=0.03)(lambda v: a @ v, b)
+    assert float(info.residual) > 1.0 and not bool(info.converged)
+
+
+def _tour():
+    """The README tour's problem: Hessian eigenvalues 1.8-3.8, where a Neumann step of 1.0
+    (the old default) diverges."""
+    kx, kv, kw = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(kw, (5,))
+    xt, xv = jax.random.normal(kx, (50, 5)), jax.random.normal(kv, (50, 5))
+
+    def inner(p, h, b):
+        return jnp.mean((b[0] @ p - b[1]) ** 2) + jnp.exp(h["log_l2"]) * p @ p
+
+    def outer(p, h, b):
+        return jnp.mean((b[0] @ p - b[1]) ** 2)
+
+    problem = hg.BilevelProblem(inner, outer)
+    run = hg.InnerRun(hg.optim.sgd_momentum(), num_steps=200)
+    hparams = {
+        "optimizer": {"lr": hg.Shared(jnp.array([0.1, 0.05])), "momentum": 0.5},
+        "log_l2": jnp.asarray(-2.0),
+    }
+    return problem, run, hparams, jnp.zeros(5), (xt, xt @ w + 0.5), (xv, xv @ w)
+
+
+def test_neumann_on_the_tour_problem():
+    problem, run, hparams, params0, train, val = _tour()
+    exact, info = hg.hypergradient(
+        problem, run, hg.Implicit(hg.Cholesky()), hparams, params0, train, val
+    )
+    assert int(info.status) == hg.Status.OK
+    # The reported case: 10 terms at step 1.0 gave 52.6 (true 0.185) with converged=True.
+    g, info = hg.hypergradient(
+        problem, run, hg.Implicit(hg.Neumann(10, 1.0)), hparams, params0, train, val
+    )
+    assert abs(float(g["log_l2"])) > 10 * abs(float(exact["log_l2"]))
+    assert int(info.status) == hg.Status.SOLVE_NOT_CONVERGED and float(info.solve.residual) > 1
+    # The default step comes from power iterations and converges on the same problem.
+    neumann = hg.Implicit(hg.Neumann())
+    g, info = hg.hypergradient(problem, run, neumann, hparams, params0, train, val)
+    assert int(info.status) == hg.Status.OK
+    np.testing.assert_allclose(g["log_l2"], exact["log_l2"], rtol=1e-8)
+
+
+def test_bfloat16_solve_is_judged_in_bfloat16(getkey):
+    a = spd(getkey(), 16, 10.0)
+    b = jax.random.normal(getkey(), (16,))
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    x, info = hg.CG(tol=1e-10)(lambda v: a16 @ v, b16)
+    assert x.dtype == jnp.bfloat16
+    # A bfloat16 solution cannot meet 1e-10: reported, not claimed.
+    assert not bool(info.converged) and float(info.residual) > 1e-4
+    # The residual of the bf16 result under the operator in its own precision (bf16 A x),
+    # with the norms in float32.
+    r = (a16 @ x).astype(jnp.float32) - b16.astype(jnp.float32)
+    residual = jnp.linalg.norm(r) / jnp.linalg.norm(b16.astype(jnp.float32))
+    np.testing.assert_allclose(info.residual, residual, rtol=1e-5)
+    # The default tolerance for 16-bit results is 1e-2: met, and the solution is as good as
+    # bfloat16 can hold (relative error a few units of its 2^-8 rounding).
+    x, info = hg.CG()(lambda v: a16 @ v, b16)
+    assert bool(info.converged)
+    exact = jnp.linalg.solve(a16.astype(jnp.float64), b16.astype(jnp.float64))
+    assert float(jnp.linalg.norm(x - exact) / jnp.linalg.norm(exact)) < 0.05
+
+
+@pytest.mark.parametrize(
+    "solver,message",
+    [
+        (hg.CG(maxiter=0), "CG.maxiter: expected a positive int, got 0"),
+        (hg.CG(maxiter=-3), "CG.maxiter: expected a positive int, got -3"),
+        (hg.CG(maxiter=2.5), "CG.maxiter: expected a positive int, got 2.5"),
+        (hg.CG(tol=-1.0), "CG.tol: expected None or a float >= 0, got -1.0"),
+        (hg.CG(ridge=-0.1), "CG.ridge: expected a float >= 0, got -0.1"),
+        (hg.Neumann(steps=0), "Neumann.steps: expected a positive int, got 0"),
+        (hg.Neumann(eta=0.0), r"Neumann.eta: expected None \(automatic\) or a float > 0"),
+        (hg.Neumann(power_iterations=0), "Neumann.power_iterations: expected a positive int"),
+        (hg.Cholesky(tol=-1e-3), "Cholesky.tol: expected None or a float >= 0"),
+    ],
+)
+def test_bad_solver_options_are_one_clear_error(solver, message):
+    with pytest.raises(ValueError, match=message):
+        solver(lambda v: 2.0 * v, jnp.ones(3))
+    with pytest.raises(ValueError, match=message):  # through the estimator too
+        problem, run, hparams, params0, train, val = _tour()
+        hg.hypergradient(problem, run, hg.Implicit(solver), hparams, params0, train, val)

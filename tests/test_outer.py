@@ -101,6 +101,23 @@ def test_nonfinite_hypergradient_keeps_hyperparameters(getkey):
     assert int(new.step) == 1
 
 
+def test_unconverged_solve_is_reported_and_still_used(getkey):
+    # skip_nonfinite skips NaN/inf only: a solve stopped at maxiter gives a finite (inexact)
+    # hypergradient, reported as SOLVE_NOT_CONVERGED, and the step is taken.
+    tp = hg.testing.quadratic_problem(getkey(), dim=8, num_hparams=2, mu=1.0, L=50.0)
+    opt = optax.sgd(0.1)
+    state = hg.outer.init(opt, tp.hparams, tp.params0, getkey())
+    estimator = hg.Implicit(hg.CG(maxiter=1))
+    new, metrics = hg.outer.step(
+        tp.problem, tp.run, estimator, opt, state, tp.inner_data, tp.outer_data
+    )
+    assert int(metrics.status) == hg.Status.SOLVE_NOT_CONVERGED
+    g, _ = hg.hypergradient(
+        tp.problem, tp.run, estimator, tp.hparams, tp.params0, tp.inner_data, tp.outer_data
+    )
+    np.testing.assert_allclose(new.hparams, tp.hparams - 0.1 * g, rtol=1e-12)
+
+
 def test_outer_state_is_one_pytree(getkey):
     tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
     state = hg.outer.init(optax.adam(0.1), tp.hparams, tp.params0, getkey())

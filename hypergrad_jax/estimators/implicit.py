@@ -13,10 +13,13 @@ inside it goes back through the rule, ``custom_linear_solve`` has its own deriva
 A ``custom_vjp`` (jaxopt's choice) cannot give ``jax.jvp``. The cost of the choice: reverse
 mode goes through linearise-and-transpose, which traces the rule once more.
 
-Values the user's functions close over are hoisted with ``jax.closure_convert`` and become
-explicit inputs of the rule, so derivatives with respect to them are exact, not silently
-zero. The end point does not depend on ``params0`` (nor on the optimizer's hyperparameters)
-to first order: the IFT differentiates the optimality condition, not the path.
+Every value the user's functions and the run close over (arrays captured by a loss, the
+batch, a sampler's data, the PRNG key) is hoisted out of the closure and becomes an explicit
+input of the rule, so derivatives with respect to them are exact, not silently zero, and
+integer values (class labels, indices) are inputs with no tangent rather than traced
+constants the rule cannot lower. The end point does not depend on ``params0`` (nor on the
+optimizer's hyperparameters) to first order: the IFT differentiates the optimality
+condition, not the path.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ from functools import partial
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from hypergrad_jax.linalg import CG, damped, tree_axpy
 from hypergrad_jax.problem import init_state, initial_params, optimality_batch, run_steps
+from hypergrad_jax.static import typed
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -62,6 +67,25 @@ def _hessian_matvec(grad_fn, theta, hparams, batch, consts, ridge):
     return damped(hvp, ridge)
 
 
+def _hoist(fn, *args):
+    """``jax.closure_convert`` that hoists every value ``fn`` closes over, whatever its dtype.
+
+    ``closure_convert`` hoists only float tracers: an integer tracer left in the closure (the
+    labels of a batch under ``jit``) becomes a constant of the rule's primal program under
+    ``grad``, which XLA cannot lower ("No constant handler for type: DynamicJaxprTracer").
+    Returns ``(converted, consts)`` with ``converted(*args, *consts) == fn(*args)``.
+    """
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    out_tree, num_args = jax.tree.structure(out_shape), len(args)
+
+    def converted(*args_and_consts):
+        args, consts = args_and_consts[:num_args], args_and_consts[num_args:]
+        out = jax.extend.core.jaxpr_as_fun(jax.extend.core.ClosedJaxpr(closed.jaxpr, consts))
+        return jax.tree.unflatten(out_tree, out(*jax.tree.leaves(args)))
+
+    return converted, tuple(closed.consts)
+
+
 def implicit_solution(problem, run, solver, hparams, params0, inner_data, key):
     """``θ_T(λ)`` from the inner run, differentiated by the implicit function theorem."""
     params0 = initial_params(params0, hparams)
@@ -72,15 +96,12 @@ def implicit_solution(problem, run, solver, hparams, params0, inner_data, key):
             problem, run, h, init_state(run, h, p0), inner_data, key, 0, run.num_steps
         ).params
 
-    run_conv, run_consts = jax.closure_convert(run_fn, hparams, params0)
-    grad_conv, grad_consts = jax.closure_convert(
-        jax.grad(problem.inner_loss), params0, hparams, batch
-    )
-    return _root(
-        run_conv, grad_conv, solver, hparams, batch, tuple(grad_consts), params0, tuple(run_consts)
-    )
+    run_conv, run_consts = _hoist(run_fn, hparams, params0)
+    grad_conv, grad_consts = _hoist(jax.grad(problem.inner_loss), params0, hparams, batch)
+    return _root(run_conv, grad_conv, solver, hparams, batch, grad_consts, params0, run_consts)
 
 
+@typed
 class Implicit(NamedTuple):
     """Implicit differentiation (IFT) at the end point of the inner run.
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from hypergrad_jax.problem import init_state, initial_params, run_steps
+from hypergrad_jax.static import typed
 
 
 def unrolled_solution(problem, run, hparams, params0, inner_data, key, remat=False, truncate=None):
@@ -40,6 +41,7 @@ def _differentiate(transform, problem, solution, hparams, outer_data):
     return g, value, params
 
 
+@typed
 class Unrolled(NamedTuple):
     """Reverse-mode differentiation through the inner run (``lax.scan`` + VJP).
 
@@ -75,6 +77,7 @@ def Greedy() -> Unrolled:  # noqa: N802 -- an estimator value, named like the ot
     return Unrolled(truncate=1)
 
 
+@typed
 class Forward(NamedTuple):
     """Forward-mode differentiation through the inner run (``jax.jacfwd`` over the scan).
 
