@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -36,8 +37,13 @@ DEFAULT_CONFIG = "quickstart.yaml"
 
 
 def config_dirs() -> list[Path]:
-    """Where configs are looked up: ./configs, then the project's configs/."""
-    return [d for d in (Path.cwd() / "configs", ROOT / "configs") if d.is_dir()]
+    """Where configs are looked up: ./configs, then the project's configs/ (once, when they
+    are the same folder)."""
+    found = []
+    for d in (Path.cwd() / "configs", ROOT / "configs"):
+        if d.is_dir() and d.resolve() not in [f.resolve() for f in found]:
+            found.append(d)
+    return found
 
 
 def find_config(name: str | None) -> Path:
@@ -55,24 +61,48 @@ def find_config(name: str | None) -> Path:
 
 def load_config(data: dict, source: str):
     """Validates raw config data into the experiment's typed config."""
-    name = data.get("experiment")
-    if name not in EXPERIMENTS:
+    sources = getattr(data, "sources", {})
+    if "experiment" not in data:
         raise cfg_lib.ConfigError(
-            f"{source}: experiment: unknown experiment {name!r}; allowed: {sorted(EXPERIMENTS)}"
+            f"{source}: experiment: missing required key; allowed: {sorted(EXPERIMENTS)}"
+        )
+    name = data["experiment"]
+    if not isinstance(name, str) or name not in EXPERIMENTS:
+        raise cfg_lib.ConfigError(
+            cfg_lib.locate(
+                f"experiment: unknown experiment {name!r}; allowed: {sorted(EXPERIMENTS)}",
+                source,
+                sources,
+            )
         )
     module = importlib.import_module(EXPERIMENTS[name])
     return module, cfg_lib.from_dict(module.Config, data, source)
 
 
+def build(module, config, data: dict, source: str):
+    """``module.build(config)``: loads the data and checks what depends on it, so a
+    ``ConfigError`` found there is located like any other (no run directory exists yet)."""
+    try:
+        return module.build(config)
+    except cfg_lib.ConfigError as e:
+        raise cfg_lib.ConfigError(
+            cfg_lib.locate(str(e), source, getattr(data, "sources", {}))
+        ) from e
+
+
 def cmd_list(_args) -> int:
+    width = max(map(len, EXPERIMENTS))
     print("experiments:")
     for name, module in EXPERIMENTS.items():
         doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:<14} {doc}")
+        print(f"  {name:<{width}}  {doc}")
     print("configs:")
     for folder in config_dirs():
         for path in sorted(folder.glob("*.yaml")):
-            experiment = cfg_lib.load_yaml(path).get("experiment", "?")
+            try:
+                experiment = cfg_lib.load_yaml(path).get("experiment", "?")
+            except cfg_lib.ConfigError:
+                experiment = "not valid YAML"
             print(f"  {path}  ({experiment})")
     return 0
 
@@ -93,8 +123,10 @@ def cmd_run(args) -> int:
                 "directory's config.yaml is used as it was"
             )
         rundir = RunDir.open(args.resume)
-        module, config = load_config(rundir.config(), str(rundir.path / "config.yaml"))
-        execute(module.build(config), rundir, quiet=args.quiet, resume=True)
+        source = str(rundir.path / "config.yaml")
+        data = rundir.config()
+        module, config = load_config(data, source)
+        execute(build(module, config, data, source), rundir, quiet=args.quiet, resume=True)
         return 0
     path = find_config(args.config)
     preset = "tiny" if args.tiny else args.preset
@@ -103,7 +135,7 @@ def cmd_run(args) -> int:
     if args.out is not None:
         cfg_lib.set_dotted(data, "run.out_dir", args.out, "--out")
     module, config = load_config(data, str(path))
-    experiment = module.build(config)  # before the run directory: a ConfigError leaves none
+    experiment = build(module, config, data, str(path))  # before the run directory exists
     rundir = RunDir.create(config.run.out_dir, config.experiment, cfg_lib.to_dict(config))
     if not args.quiet and rundir.primary:
         print(f"{config.experiment}: {path} -> {rundir.path}")
@@ -144,6 +176,9 @@ def main(argv=None) -> int:
     except (cfg_lib.ConfigError, FileNotFoundError, CheckpointError) as e:
         print(f"hypergrad: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `hypergrad list | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

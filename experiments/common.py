@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 import hypergrad_jax as hg
-from experiments.config import bounds
+from experiments.config import ConfigError, bounds
 
 ESTIMATORS = ("forward", "unrolled", "unrolled_remat", "implicit", "greedy")
 
@@ -34,6 +34,65 @@ def maybe_data_parallel(problem: hg.BilevelProblem, run: RunConfig) -> hg.Bileve
 
 
 OUTER_OPTIMIZERS = ("adam", "sgd", "sign")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def check_fractions(section: str, val_fraction: float, test_fraction: float) -> None:
+    """The cross-field check of a data section: training examples must remain."""
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(
+            f"{section}.val_fraction + {section}.test_fraction: {val_fraction} + "
+            f"{test_fraction} >= 1; expected < 1 so that training examples remain"
+        )
+
+
+def check_batch(key: str, size: int | None, available: int, part: str) -> None:
+    """A minibatch size no larger than its data (sampled without replacement)."""
+    if size is not None and size > available:
+        raise ConfigError(
+            f"{key}: {size} > {available} {part} examples; expected at most {available}"
+        )
+
+
+def load_splits(
+    section: str,
+    name: str,
+    *,
+    seed: int,
+    num_samples: int | None = None,
+    val_fraction: float,
+    test_fraction: float,
+    batch_size: int | None = None,
+    val_batch: int | None = None,
+) -> tuple[hg.data.Dataset, hg.data.Splits]:
+    """``(dataset, splits)`` for a config's data section, with every value that depends on
+    the data checked right after loading (so before a run directory exists): the number of
+    samples against what the dataset has, each needed part non-empty, the minibatch sizes
+    against the parts they draw from. Errors are ``ConfigError``s naming ``section.key``."""
+    if name == "mnist1d" and num_samples is not None and num_samples % 10:
+        raise ConfigError(
+            f"{section}.num_samples: {num_samples}; mnist1d generates a multiple of 10 examples"
+        )
+    try:  # the library names its argument, which is the config key in ``section``
+        data = hg.data.load(name, num_samples=num_samples, seed=seed)
+        splits = hg.data.split(
+            data, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        )
+    except ValueError as e:
+        raise ConfigError(f"{section}.{e}") from e
+    parts = [("val_fraction", val_fraction, splits.val, "validation")]
+    parts.append(("test_fraction", test_fraction, splits.test, "test"))
+    for key, fraction, part, label in parts:
+        if fraction > 0 and part.y.shape[0] < 1:
+            raise ConfigError(
+                f"{section}.{key}: {fraction} of {data.y.shape[0]} examples leaves no "
+                f"{label} examples; expected a larger fraction or more data"
+            )
+    check_batch(f"{section}.batch_size", batch_size, splits.train.y.shape[0], "training")
+    check_batch(f"{section}.val_batch", val_batch, splits.val.y.shape[0], "validation")
+    return data, splits
 
 
 def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> dict:

@@ -9,11 +9,17 @@ allowed. Ranges and choices are declared on fields::
 
 A config file may define ``presets: {tiny: {dotted.key: value, ...}}``; ``--preset tiny``
 (or ``--tiny``) applies one, and ``--set dotted.key=value`` overrides single values.
+
+Every error names where the offending value came from: the file, the file's preset, or
+``--set``. Checks inside an experiment (cross-field ``__post_init__``, sizes checked against
+the loaded data in ``build``) raise ``ConfigError("dotted.key: ...")`` and :func:`locate`
+adds the source. Bounds on a list field apply to each of its elements.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -63,11 +69,11 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(tp, value, where: str, source: str):
-    """``value`` as type ``tp``, or a ConfigError."""
+def _convert(tp, value, where: str, source: str, sources: dict):
+    """``value`` as type ``tp``, or a ConfigError (``"where: ..."``, located later)."""
 
     def fail():
-        raise ConfigError(f"{source}: {where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -77,7 +83,7 @@ def _convert(tp, value, where: str, source: str):
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _convert(option, value, where, source)
+                return _convert(option, value, where, source, sources)
             except ConfigError:
                 continue
         fail()
@@ -89,11 +95,13 @@ def _convert(tp, value, where: str, source: str):
         if not isinstance(value, (list, tuple)):
             fail()
         (item,) = typing.get_args(tp)[:1]
-        return tuple(_convert(item, v, f"{where}[{i}]", source) for i, v in enumerate(value))
+        return tuple(
+            _convert(item, v, f"{where}[{i}]", source, sources) for i, v in enumerate(value)
+        )
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             fail()
-        return from_dict(tp, value, source, prefix=f"{where}.")
+        return _from_dict(tp, value, f"{where}.", source, sources)
     if tp is bool:
         if not isinstance(value, bool):
             fail()
@@ -113,38 +121,77 @@ def _convert(tp, value, where: str, source: str):
     raise TypeError(f"unsupported config type {tp!r} at {where}")
 
 
-def from_dict(cls, data: dict, source: str = "<config>", prefix: str = ""):
-    """Builds dataclass ``cls`` from a mapping, validating keys, types and ranges."""
+class ConfigData(dict):
+    """Raw config data (a dict) that remembers where each overridden key came from:
+    ``sources`` maps a dotted key to ``"--set"``, ``"<file> (preset tiny)"``, ..."""
+
+    sources: dict[str, str]
+
+    def __init__(self, data=(), sources=None):
+        super().__init__(data)
+        self.sources = dict(sources or {})
+
+
+def locate(message: str, default: str, sources: dict[str, str]) -> str:
+    """``"SOURCE: message"``: the source of the first dotted key the message starts with
+    (``"data.batch_size: ..."``, ``"data.val_fraction + data.test_fraction: ..."``) that was
+    overridden, else ``default`` (the config file)."""
+    head = message.split(": ", 1)[0]
+    for key in re.findall(r"[A-Za-z_][\w.]*", head):
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in sources:
+                return f"{sources['.'.join(parts[:n])]}: {message}"
+    return f"{default}: {message}"
+
+
+def from_dict(cls, data: dict, source: str = "<config>", prefix: str = "", sources=None):
+    """Builds dataclass ``cls`` from a mapping, validating keys, types and ranges.
+
+    Errors name the source of the offending key (``sources``, default ``data.sources`` for
+    :class:`ConfigData`, else ``source``).
+    """
+    sources = getattr(data, "sources", {}) if sources is None else sources
+    try:
+        return _from_dict(cls, data, prefix, source, sources)
+    except ConfigError as e:
+        if getattr(e, "located", False):
+            raise
+        located = ConfigError(locate(str(e), source, sources))
+        located.located = True
+        raise located from e
+
+
+def _from_dict(cls, data, prefix, source, sources):
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}"
-        )
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{source}: {prefix}{unknown[0]}: unknown key; allowed keys here: {sorted(fields)}"
-        )
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys here: {sorted(fields)}")
     values = {}
     for name, f in fields.items():
         where = f"{prefix}{name}"
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{source}: {where}: required key is missing")
+                raise ConfigError(f"{where}: missing required key")
             continue
-        value = _convert(hints[name], data[name], where, source)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not _in_range(value, f.metadata):
+        value = _convert(hints[name], data[name], where, source, sources)
+        items = value if isinstance(value, tuple) else (value,)
+        for i, item in enumerate(items):
+            if _is_number(item) and not _in_range(item, f.metadata):
+                at = f"{where}[{i}]" if isinstance(value, tuple) else where
+                shown = data[name][i] if isinstance(value, tuple) else data[name]
                 raise ConfigError(
-                    f"{source}: {where}: expected a value {_range_text(f.metadata)}"
-                    f", got {data[name]!r}"
+                    f"{at}: expected a value {_range_text(f.metadata)}, got {shown!r}"
                 )
         values[name] = value
-    try:
-        return cls(**values)  # cross-field checks live in the dataclass's __post_init__
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from e
+    return cls(**values)  # cross-field checks live in the dataclass's __post_init__
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def to_dict(config) -> dict:
@@ -180,6 +227,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    mark = getattr(e, "problem_mark", None)
+    problem = " ".join((getattr(e, "problem", None) or str(e)).split())
+    return (
+        problem if mark is None else f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    )
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -187,25 +243,32 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level: expected a mapping, got {data!r}")
     return data
 
 
-def resolve(data: dict, source: str, preset: str | None = None, overrides=()) -> dict:
-    """Applies a preset and ``--set`` overrides to raw config data (a copy)."""
+def resolve(data: dict, source: str, preset: str | None = None, overrides=()) -> ConfigData:
+    """Applies a preset and ``--set`` overrides to raw config data (a copy), recording in
+    ``.sources`` which keys each one set."""
     import copy
 
-    data = copy.deepcopy(data)
+    data = ConfigData(copy.deepcopy(data))
     presets = data.pop("presets", {}) or {}
     if preset is not None:
         if preset not in presets:
             raise ConfigError(
                 f"{source}: presets: no preset {preset!r}; defined: {sorted(presets)}"
             )
+        if not isinstance(presets[preset], dict):
+            raise ConfigError(
+                f"{source}: presets.{preset}: expected a mapping of dotted keys to values"
+            )
         for key, value in presets[preset].items():
             set_dotted(data, key, value, source)
+            data.sources[key] = f"{source} (preset {preset})"
     for key, value in overrides:
-        set_dotted(data, key, value, f"{source} (--set)")
+        set_dotted(data, key, value, "--set")
+        data.sources[key] = "--set"
     return data

@@ -36,6 +36,8 @@ import orbax.checkpoint as ocp
 import yaml
 from jax.experimental import multihost_utils
 
+from experiments.config import load_yaml
+
 
 def _jsonable(x: Any):
     if isinstance(x, dict):
@@ -80,7 +82,7 @@ class RunDir:
         return cls(path)
 
     def config(self) -> dict:
-        return yaml.safe_load((self.path / "config.yaml").read_text())
+        return load_yaml(self.path / "config.yaml")
 
     # metrics ---------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -167,8 +169,11 @@ class RunDir:
             except Exception as e:  # noqa: BLE001 -- any failure to read means "damaged"
                 damaged.append((step, _one_line(e)))
                 continue
-            found = step, jax.tree.map(
-                _unstorable, template, jax.tree.unflatten(jax.tree.structure(stored), leaves)
+            found = (
+                step,
+                jax.tree.map(
+                    _unstorable, template, jax.tree.unflatten(jax.tree.structure(stored), leaves)
+                ),
             )
             break
         _sync("hypergrad-restore")  # every process has read before process 0 moves files

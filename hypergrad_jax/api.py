@@ -16,6 +16,7 @@ from hypergrad_jax.linalg import SolveInfo
 from hypergrad_jax.problem import (
     BilevelProblem,
     InnerRun,
+    float_literals,
     inner_residual,
     optimality_batch,
     validate,
@@ -79,6 +80,7 @@ def solve(
       key: PRNG key, required with a sampler.
     """
     _check_estimator(estimator)
+    hparams = float_literals(hparams)
     validate(problem, run, hparams, params0, inner_data, key)
     static, params0, inner_data = _split(problem, run, estimator, params0, inner_data)
     return _solve(static, params0, inner_data, hparams, key)
@@ -155,6 +157,7 @@ def hypergradient(
       :class:`Info`.
     """
     _check_estimator(estimator)
+    hparams = float_literals(hparams)
     validate(problem, run, hparams, params0, inner_data, key, outer_data)
     static, params0, inner_data = _split(problem, run, estimator, params0, inner_data)
     g, info = _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_start)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from hypergrad_jax.api import Status, hypergradient
+from hypergrad_jax.problem import float_literals
 
 PyTree = Any
 
@@ -50,7 +51,7 @@ def init(
     Leaves are made strongly typed (``jnp.asarray(0.1)`` is weakly typed, the updated
     values are not), so a jitted step compiles once, not twice.
     """
-    hparams, params0 = jax.tree.map(_strong, (hparams, params0))
+    hparams, params0 = jax.tree.map(_strong, (float_literals(hparams), params0))
     zeros = jax.tree.map(jnp.zeros_like, params0)
     return OuterState(
         hparams, optimizer.init(hparams), params0, zeros, key, jnp.zeros((), jnp.int32)

@@ -158,6 +158,15 @@ def _describe(tree) -> str:
     return str(jax.tree.map(lambda x: f"{jnp.result_type(x)}{list(jnp.shape(x))}", tree))
 
 
+def float_literals(tree: PyTree) -> PyTree:
+    """Python ``int`` leaves as ``float`` (``{"log_l2": -2}`` means -2.0); integer *arrays*
+    are left alone, and rejected by :func:`validate` (an explicit integer dtype has no
+    gradient)."""
+    return jax.tree.map(
+        lambda x: float(x) if isinstance(x, int) and not isinstance(x, bool) else x, tree
+    )
+
+
 def _check_float_leaves(tree, name: str) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         if not hasattr(leaf, "dtype") and not isinstance(leaf, (int, float)):

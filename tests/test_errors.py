@@ -1,5 +1,6 @@
 """Bad input gets one clear error naming the argument and what was expected."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -31,6 +32,10 @@ def test_integer_hyperparameter(setup):
     run, hparams, params0, data = setup
     with pytest.raises(TypeError, match=r"hparams: leaf \['log_l2'\] has dtype int"):
         call(run, {**hparams, "log_l2": jnp.asarray(1)}, params0, data)
+    # A Python int literal means the float: converted, not rejected.
+    g, _ = call(run, {**hparams, "log_l2": -2}, params0, data)
+    ref, _ = call(run, {**hparams, "log_l2": -2.0}, params0, data)
+    chex.assert_trees_all_close(g, ref, rtol=0)
 
 
 def test_per_parameter_hyperparameter_with_wrong_structure(setup):

@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (32,)
+    hidden: tuple[int, ...] = field(default=(32,), metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +85,14 @@ def measure(fn, *args) -> tuple[int, float]:
 
 
 def build(cfg: Config) -> Experiment:
-    data = hg.data.load(cfg.data.name, seed=cfg.seed)
-    splits = hg.data.split(data, val_fraction=0.2, test_fraction=0.0001, seed=cfg.seed)
+    data, splits = common.load_splits(
+        "data",
+        cfg.data.name,
+        seed=cfg.seed,
+        val_fraction=0.2,
+        test_fraction=0.0,
+        batch_size=cfg.data.batch_size,
+    )
     train, val = hg.data.to_batch(splits.train), hg.data.to_batch(splits.val)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)
     sizes = (int(np.prod(data.x.shape[1:])), *cfg.model.hidden, data.num_classes)

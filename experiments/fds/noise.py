@@ -101,7 +101,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (32,)
+    hidden: tuple[int, ...] = field(default=(32,), metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,9 +267,14 @@ class Inputs(NamedTuple):
 def prepare(cfg: Config) -> Inputs:
     """Data, seeds and initial networks for ``cfg``: seed ``s`` is one network
     initialisation and one minibatch sequence, the same for every width."""
-    data = hg.data.load(cfg.data.name, num_samples=cfg.data.num_samples, seed=cfg.seed)
-    splits = hg.data.split(
-        data, val_fraction=cfg.data.val_fraction, test_fraction=0.0, seed=cfg.seed
+    data, splits = common.load_splits(
+        "data",
+        cfg.data.name,
+        seed=cfg.seed,
+        num_samples=cfg.data.num_samples,
+        val_fraction=cfg.data.val_fraction,
+        test_fraction=0.0,
+        batch_size=cfg.data.batch_size,
     )
     train, val = hg.data.to_batch(splits.train), hg.data.to_batch(splits.val)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)

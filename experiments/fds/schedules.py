@@ -104,10 +104,13 @@ class DataConfig:
     # Examples of the validation pool drawn (without replacement) per FDS outer step.
     val_batch: int = field(default=400, metadata=bounds(ge=1))
 
+    def __post_init__(self):
+        common.check_fractions("data", self.val_fraction, self.test_fraction)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (64,)
+    hidden: tuple[int, ...] = field(default=(64,), metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,12 +298,14 @@ def pick(val_accuracy, val_loss) -> int:
 
 
 def build(cfg: Config) -> Experiment:
-    data = hg.data.load(cfg.data.name, num_samples=cfg.data.num_samples, seed=cfg.seed)
-    splits = hg.data.split(
-        data,
+    data, splits = common.load_splits(
+        "data",
+        cfg.data.name,
+        seed=cfg.seed,
+        num_samples=cfg.data.num_samples,
         val_fraction=cfg.data.val_fraction,
         test_fraction=cfg.data.test_fraction,
-        seed=cfg.seed,
+        batch_size=cfg.data.batch_size,
     )
     train, val, test = (hg.data.to_batch(s) for s in splits)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)
@@ -331,14 +336,17 @@ def build(cfg: Config) -> Experiment:
 
     @jax.jit
     def step(state):
-        state, m = hg.outer.step(
+        new, m = hg.outer.step(
             PROBLEM, run, hg.Forward(), optimizer, state, sampler, draw_val, reinit=reinit
         )
-        state = state._replace(hparams=project(state.hparams, h.max_momentum))
-        return state, {
+        new = new._replace(hparams=project(new.hparams, h.max_momentum))
+        # One metrics line describes one inner run: the hyperparameters it trained with next
+        # to the outer loss it reached (before this step's update), and the step sizes this
+        # step moved them by (after its halvings).
+        return new, {
             **m._asdict(),
             **state.hparams,
-            **{f"step_{k}": v for k, v in state.opt_state.step_size.items()},
+            **{f"step_{k}": v for k, v in new.opt_state.step_size.items()},
         }
 
     def done(state):

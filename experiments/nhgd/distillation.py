@@ -58,13 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import hypergrad_jax as hg
+from experiments import common
 from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
 from experiments.nhgd.regularization import (
     accuracy,
-    check_batch,
     init_linear,
     nll,
     outer_loss,
@@ -126,13 +126,14 @@ def init_images(key, x, y, num_classes: int, per_class: int, noise: float) -> ja
 
 def make_task(cfg: TaskConfig) -> Task:
     """The distillation :class:`~experiments.nhgd.task.Task` (module docstring)."""
-    try:  # the library names its argument, which is the config key under ``task.``
-        data = hg.data.load(cfg.dataset, num_samples=cfg.num_samples, seed=cfg.seed)
-        splits = hg.data.split(
-            data, val_fraction=0.0, test_fraction=cfg.test_fraction, seed=cfg.seed
-        )
-    except ValueError as e:
-        raise ConfigError(f"task.{e}") from e
+    data, splits = common.load_splits(
+        "task",
+        cfg.dataset,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        val_fraction=0.0,
+        test_fraction=cfg.test_fraction,
+    )
     real, test = hg.data.to_batch(splits.train), hg.data.to_batch(splits.test)
     num_classes, num_features = data.num_classes, data.x.shape[1]
     missing = sorted(set(range(num_classes)) - set(splits.train.y.tolist()))
@@ -142,8 +143,8 @@ def make_task(cfg: TaskConfig) -> Task:
             "training examples; their images cannot be initialised at the class means"
         )
     num_images = num_classes * cfg.images_per_class
-    check_batch("task.batch_size", cfg.batch_size, num_images, "learned-image")
-    check_batch("task.outer_batch", cfg.outer_batch, real["y"].shape[0], "real training")
+    common.check_batch("task.batch_size", cfg.batch_size, num_images, "learned-image")
+    common.check_batch("task.outer_batch", cfg.outer_batch, real["y"].shape[0], "real training")
 
     labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), cfg.images_per_class)
     images = init_images(

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import hypergrad_jax as hg
+from experiments import common
 from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
@@ -93,11 +94,7 @@ class DataConfig:
     pca: int | None = field(default=32, metadata=bounds(ge=1))
 
     def __post_init__(self):
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(
-                f"data.val_fraction + data.test_fraction: {self.val_fraction} + "
-                f"{self.test_fraction} >= 1; expected < 1 so that training examples remain"
-            )
+        common.check_fractions("data", self.val_fraction, self.test_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,28 +166,16 @@ def f1_score(flagged: jax.Array, corrupted: jax.Array) -> jax.Array:
 def load_splits(cfg: Config):
     """The standardised splits with constant features dropped (module docstring)."""
     d = cfg.data
-    if d.name == "mnist1d" and d.num_samples is not None and d.num_samples % 10:
-        raise ConfigError(
-            f"data.num_samples: {d.num_samples}; mnist1d generates a multiple of 10 examples"
-        )
-    data = hg.data.load(d.name, num_samples=d.num_samples, seed=cfg.seed)
-    splits = hg.data.split(
-        data, val_fraction=d.val_fraction, test_fraction=d.test_fraction, seed=cfg.seed
+    data, splits = common.load_splits(
+        "data",
+        d.name,
+        seed=cfg.seed,
+        num_samples=d.num_samples,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        batch_size=d.batch_size,
+        val_batch=d.val_batch,
     )
-    for part, name in ((splits.train, "training"), (splits.val, "validation")):
-        if part.y.shape[0] < 1:
-            raise ConfigError(f"data.num_samples: {d.num_samples} leaves no {name} examples")
-    n_train = splits.train.y.shape[0]
-    if d.batch_size > n_train:
-        raise ConfigError(
-            f"data.batch_size: {d.batch_size} > {n_train} training examples; "
-            f"expected at most {n_train}"
-        )
-    n_val = splits.val.y.shape[0]
-    if d.val_batch is not None and d.val_batch > n_val:
-        raise ConfigError(
-            f"data.val_batch: {d.val_batch} > {n_val} validation examples; expected at most {n_val}"
-        )
     keep = np.ptp(splits.train.x, axis=0) > 0
     splits = hg.data.Splits(*(s._replace(x=s.x[:, keep]) for s in splits))
     if d.pca is not None:

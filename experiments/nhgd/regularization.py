@@ -72,8 +72,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import hypergrad_jax as hg
+from experiments import common
 from experiments.common import RunConfig
-from experiments.config import ConfigError, bounds
+from experiments.config import bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
 from experiments.nhgd.task import Task
@@ -98,11 +99,7 @@ class TaskConfig:
     ridge: float = field(default=1e-4, metadata=bounds(gt=0))  # strong-convexity floor
 
     def __post_init__(self):
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(
-                f"task.val_fraction + task.test_fraction: {self.val_fraction} + "
-                f"{self.test_fraction} >= 1; expected < 1 so that training examples remain"
-            )
+        common.check_fractions("task", self.val_fraction, self.test_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,14 +152,6 @@ def outer_loss(params: dict, hparams: jax.Array, batch: dict) -> jax.Array:
     return nll(params, batch["x"], batch["y"])
 
 
-def check_batch(key: str, size: int | None, available: int, part: str) -> None:
-    """A minibatch size no larger than its data (sampled without replacement)."""
-    if size is not None and size > available:
-        raise ConfigError(
-            f"{key}: {size} > {available} {part} examples; expected at most {available}"
-        )
-
-
 @jax.tree_util.register_pytree_node_class
 class KeySampler:
     """``key -> batch``: a :class:`hg.data.Sampler`'s minibatch for ``(key, 0)``. A pytree
@@ -196,18 +185,16 @@ def outer_sampler(val: dict, val_batch: int | None):
 
 def make_task(cfg: TaskConfig) -> Task:
     """The regularization :class:`~experiments.nhgd.task.Task` (module docstring)."""
-    try:  # the library names its argument, which is the config key under ``task.``
-        data = hg.data.load(cfg.dataset, num_samples=cfg.num_samples, seed=cfg.seed)
-        splits = hg.data.split(
-            data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed
-        )
-    except ValueError as e:
-        raise ConfigError(f"task.{e}") from e
-    for part, name in ((splits.train, "training"), (splits.val, "validation")):
-        if part.y.shape[0] < 1:
-            raise ConfigError(f"task.num_samples: {cfg.num_samples} leaves no {name} examples")
-    check_batch("task.batch_size", cfg.batch_size, splits.train.y.shape[0], "training")
-    check_batch("task.val_batch", cfg.val_batch, splits.val.y.shape[0], "validation")
+    data, splits = common.load_splits(
+        "task",
+        cfg.dataset,
+        seed=cfg.seed,
+        num_samples=cfg.num_samples,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        batch_size=cfg.batch_size,
+        val_batch=cfg.val_batch,
+    )
     keep = np.ptp(splits.train.x, axis=0) > 0  # drop features constant on the training part
     train, val, test = (hg.data.to_batch(s._replace(x=s.x[:, keep])) for s in splits)
     num_features, num_classes = int(keep.sum()), data.num_classes

@@ -33,10 +33,13 @@ class DataConfig:
     test_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
     batch_size: int = field(default=64, metadata=bounds(ge=1))
 
+    def __post_init__(self):
+        common.check_fractions("data", self.val_fraction, self.test_fraction)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    hidden: tuple[int, ...] = (64,)
+    hidden: tuple[int, ...] = field(default=(64,), metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +72,7 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     experiment: Literal["quickstart"] = "quickstart"
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     inner: InnerConfig = InnerConfig()
@@ -93,12 +96,15 @@ def optimizer_hparams(momentum: float):
 
 
 def build(cfg: Config) -> Experiment:
-    data = hg.data.load(cfg.data.name, num_samples=cfg.data.num_samples, seed=cfg.seed)
-    splits = hg.data.split(
-        data,
-        val_fraction=cfg.data.val_fraction,
-        test_fraction=cfg.data.test_fraction,
+    d = cfg.data
+    data, splits = common.load_splits(
+        "data",
+        d.name,
         seed=cfg.seed,
+        num_samples=d.num_samples,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        batch_size=d.batch_size,
     )
     train, val, test = (hg.data.to_batch(s) for s in splits)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)
@@ -127,10 +133,12 @@ def build(cfg: Config) -> Experiment:
 
     @jax.jit
     def step(state):
-        state, m = hg.outer.step(
+        new, m = hg.outer.step(
             problem, run, estimator, optimizer, state, sampler, val, reinit=reinit
         )
-        return state, {
+        # One metrics line describes one inner run: the hyperparameters it trained with, next
+        # to the outer loss it reached (both before this step's update).
+        return new, {
             **m._asdict(),
             "lr": jnp.exp(state.hparams["log_lr"]),
             "weight_decay": jnp.exp(state.hparams["log_weight_decay"]),
