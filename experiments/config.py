@@ -69,7 +69,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(tp, value, where: str, source: str, sources: dict):
+def _convert(tp, value, where: str):
     """``value`` as type ``tp``, or a ConfigError (``"where: ..."``, located later)."""
 
     def fail():
@@ -83,7 +83,7 @@ def _convert(tp, value, where: str, source: str, sources: dict):
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _convert(option, value, where, source, sources)
+                return _convert(option, value, where)
             except ConfigError:
                 continue
         fail()
@@ -95,13 +95,11 @@ def _convert(tp, value, where: str, source: str, sources: dict):
         if not isinstance(value, (list, tuple)):
             fail()
         (item,) = typing.get_args(tp)[:1]
-        return tuple(
-            _convert(item, v, f"{where}[{i}]", source, sources) for i, v in enumerate(value)
-        )
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             fail()
-        return _from_dict(tp, value, f"{where}.", source, sources)
+        return _from_dict(tp, value, f"{where}.")
     if tp is bool:
         if not isinstance(value, bool):
             fail()
@@ -153,16 +151,13 @@ def from_dict(cls, data: dict, source: str = "<config>", prefix: str = "", sourc
     """
     sources = getattr(data, "sources", {}) if sources is None else sources
     try:
-        return _from_dict(cls, data, prefix, source, sources)
+        return _from_dict(cls, data, prefix)
     except ConfigError as e:
-        if getattr(e, "located", False):
-            raise
-        located = ConfigError(locate(str(e), source, sources))
-        located.located = True
-        raise located from e
+        raise ConfigError(locate(str(e), source, sources)) from e
 
 
-def _from_dict(cls, data, prefix, source, sources):
+def _from_dict(cls, data, prefix):
+    """``from_dict`` without the source: errors are ``"dotted.key: ..."``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -177,7 +172,7 @@ def _from_dict(cls, data, prefix, source, sources):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing required key")
             continue
-        value = _convert(hints[name], data[name], where, source, sources)
+        value = _convert(hints[name], data[name], where)
         items = value if isinstance(value, tuple) else (value,)
         for i, item in enumerate(items):
             if _is_number(item) and not _in_range(item, f.metadata):

@@ -94,12 +94,12 @@ def _is_function(x) -> bool:
     return callable(x) and len(leaves) == 1 and leaves[0] is x
 
 
-def _split(problem, run, estimator, params0, inner_data, *extra):
+def _split(problem, run, estimator, params0, inner_data):
     """Functions (the problem, run, estimator, function-valued ``params0``/``inner_data``)
     become one static argument of the internal ``jit``; pytrees stay traced."""
     fns = tuple(x if _is_function(x) else None for x in (params0, inner_data))
     trees = tuple(None if _is_function(x) else x for x in (params0, inner_data))
-    return Static((problem, run, estimator, *fns, *extra)), *trees
+    return Static((problem, run, estimator, *fns)), *trees
 
 
 def _join(fn, tree):

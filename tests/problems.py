@@ -51,3 +51,27 @@ def minibatch_sampler(data, batch_size):
         return x[idx], y[idx]
 
     return sample
+
+
+def tour_problem():
+    """The README tour's problem (ridge-like regression with a learned log-L2, SGD with
+    momentum and a 2-block lr schedule): Hessian eigenvalues 1.8-3.8, where a Neumann step
+    of 1.0 (the old default) diverges. Returns ``(problem, run, hparams, params0, train,
+    val)``; float32 unless x64 is on."""
+    kx, kv, kw = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(kw, (5,))
+    xt, xv = jax.random.normal(kx, (50, 5)), jax.random.normal(kv, (50, 5))
+
+    def inner(p, h, b):
+        return jnp.mean((b[0] @ p - b[1]) ** 2) + jnp.exp(h["log_l2"]) * p @ p
+
+    def outer(p, h, b):
+        return jnp.mean((b[0] @ p - b[1]) ** 2)
+
+    problem = hg.BilevelProblem(inner, outer)
+    run = hg.InnerRun(hg.optim.sgd_momentum(), num_steps=200)
+    hparams = {
+        "optimizer": {"lr": hg.Shared(jnp.array([0.1, 0.05])), "momentum": 0.5},
+        "log_l2": jnp.asarray(-2.0),
+    }
+    return problem, run, hparams, jnp.zeros(5), (xt, xt @ w + 0.5), (xv, xv @ w)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from problems import tour_problem
 
 import hypergrad_jax as hg
 
@@ -99,30 +100,8 @@ def test_divergent_neumann_series_is_not_converged(getkey):
     assert float(info.residual) > 1.0 and not bool(info.converged)
 
 
-def _tour():
-    """The README tour's problem: Hessian eigenvalues 1.8-3.8, where a Neumann step of 1.0
-    (the old default) diverges."""
-    kx, kv, kw = jax.random.split(jax.random.key(0), 3)
-    w = jax.random.normal(kw, (5,))
-    xt, xv = jax.random.normal(kx, (50, 5)), jax.random.normal(kv, (50, 5))
-
-    def inner(p, h, b):
-        return jnp.mean((b[0] @ p - b[1]) ** 2) + jnp.exp(h["log_l2"]) * p @ p
-
-    def outer(p, h, b):
-        return jnp.mean((b[0] @ p - b[1]) ** 2)
-
-    problem = hg.BilevelProblem(inner, outer)
-    run = hg.InnerRun(hg.optim.sgd_momentum(), num_steps=200)
-    hparams = {
-        "optimizer": {"lr": hg.Shared(jnp.array([0.1, 0.05])), "momentum": 0.5},
-        "log_l2": jnp.asarray(-2.0),
-    }
-    return problem, run, hparams, jnp.zeros(5), (xt, xt @ w + 0.5), (xv, xv @ w)
-
-
 def test_neumann_on_the_tour_problem():
-    problem, run, hparams, params0, train, val = _tour()
+    problem, run, hparams, params0, train, val = tour_problem()
     exact, info = hg.hypergradient(
         problem, run, hg.Implicit(hg.Cholesky()), hparams, params0, train, val
     )
@@ -179,5 +158,5 @@ def test_bad_solver_options_are_one_clear_error(solver, message):
     with pytest.raises(ValueError, match=message):
         solver(lambda v: 2.0 * v, jnp.ones(3))
     with pytest.raises(ValueError, match=message):  # through the estimator too
-        problem, run, hparams, params0, train, val = _tour()
+        problem, run, hparams, params0, train, val = tour_problem()
         hg.hypergradient(problem, run, hg.Implicit(solver), hparams, params0, train, val)

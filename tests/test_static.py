@@ -3,8 +3,8 @@
 import itertools
 
 import jax
-import jax.numpy as jnp
 import pytest
+from problems import tour_problem
 
 import hypergrad_jax as hg
 from hypergrad_jax import api, stochastic
@@ -57,29 +57,12 @@ def test_same_type_and_fields_is_one_key():
     assert Static((hg.CG(20, 0.5),)) != Static((hg.CG(20.0, 0.5),))
 
 
-def _tour():
-    kx, kv, kw = jax.random.split(jax.random.key(0), 3)
-    w = jax.random.normal(kw, (5,))
-    xt, xv = jax.random.normal(kx, (50, 5)), jax.random.normal(kv, (50, 5))
-
-    def inner(p, h, b):
-        return jnp.mean((b[0] @ p - b[1]) ** 2) + jnp.exp(h["log_l2"]) * p @ p
-
-    def outer(p, h, b):
-        return jnp.mean((b[0] @ p - b[1]) ** 2)
-
-    problem = hg.BilevelProblem(inner, outer)
-    run = hg.InnerRun(hg.optim.sgd(), 200)
-    hparams = {"optimizer": {"lr": jnp.asarray(0.1)}, "log_l2": jnp.asarray(-2.0)}
-    return problem, run, hparams, jnp.zeros(5), (xt, xt @ w + 0.5), (xv, xv @ w)
-
-
 @pytest.mark.parametrize("cg_first", [True, False])
 def test_cg_and_neumann_with_equal_fields_get_their_own_programs(cg_first):
     # The reported bug: Implicit(CG(20, 0.5, 0.0)) and Implicit(Neumann(20, 0.5, 0.0)) were
     # one cache entry, so the second ran the first one's solver. Each result is checked
     # against its own solver called directly on the same system (an independent path).
-    problem, run, hparams, params0, train, val = _tour()
+    problem, run, hparams, params0, train, val = tour_problem()
     solvers = [hg.CG(20, 0.5, 0.0), hg.Neumann(20, 0.5, 0.0)]
     before = api._hypergradient._cache_size()
     infos = {}
@@ -100,7 +83,7 @@ def test_cg_and_neumann_with_equal_fields_get_their_own_programs(cg_first):
 def test_user_jit_with_static_options_is_safe():
     # jax.jit's own cache keys static arguments by __hash__/__eq__: our options carry
     # their type there too.
-    problem, run, hparams, params0, train, val = _tour()
+    problem, run, hparams, params0, train, val = tour_problem()
     jitted = jax.jit(hg.hypergradient, static_argnums=(0, 1, 2))
     _, a = jitted(problem, run, hg.Implicit(hg.CG(20, 0.5, 0.0)), hparams, params0, train, val)
     _, b = jitted(problem, run, hg.Implicit(hg.Neumann(20, 0.5, 0.0)), hparams, params0, train, val)

@@ -302,3 +302,22 @@ def test_grad_jvp_hessian_through_solve_with_integer_leaves(getkey, estimator):
         [(flat_grad(flat + eps * e) - flat_grad(flat - eps * e)) / (2 * eps) for e in jnp.eye(2)]
     )
     np.testing.assert_allclose(hess, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("estimator", [hg.Unrolled(), hg.Implicit(hg.CG())], ids=repr)
+def test_integer_leaves_in_a_sampler_through_solve(getkey, estimator):
+    # A hg.data.Sampler is a pytree of its data (integer labels and indices included),
+    # traced into the rule rather than closed over.
+    problem, run, hparams, params0, batch = _softmax_regression(getkey)
+    sampler = hg.data.minibatch_sampler(batch, 8)
+    key = getkey()
+
+    def objective(h):
+        theta = hg.solve(problem, run, estimator, h, params0, sampler, key=key)
+        return problem.outer_loss(theta, h, batch)
+
+    ref, _ = hg.hypergradient(problem, run, estimator, hparams, params0, sampler, batch, key=key)
+    chex.assert_trees_all_close(jax.grad(objective)(hparams), ref, rtol=1e-8, atol=1e-12)
+    t = jax.tree.map(lambda x: jax.random.normal(getkey(), x.shape), hparams)
+    _, jvp = jax.jvp(objective, (hparams,), (t,))
+    np.testing.assert_allclose(jvp, hg.linalg.tree_vdot(ref, t), rtol=1e-8)
