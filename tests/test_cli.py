@@ -18,16 +18,9 @@ ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Subprocesses share a persistent XLA compilation cache: the runs below compile the
-    same programs, and compiling dominates these tiny runs."""
-    cache = tmp_path_factory.mktemp("xla-cache")
-    return {
-        **os.environ,
-        "JAX_COMPILATION_CACHE_DIR": str(cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+def env():
+    """The subprocesses' environment: conftest's persistent compilation cache included."""
+    return dict(os.environ)
 
 
 def hypergrad(env, *args):
