@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))  # the experiments package, when run as a script
 
 from benchmarks.estimators import machine  # noqa: E402
 from hypergrad_jax import stochastic as st  # noqa: E402
-from hypergrad_jax.kfac import KFACFisher  # noqa: E402
+from hypergrad_jax.fisher import DenseFisher, KFACFisher  # noqa: E402
 from hypergrad_jax.linalg import tree_axpy  # noqa: E402
 from hypergrad_jax.problem import batch_at  # noqa: E402
 
@@ -313,9 +313,9 @@ def main() -> None:
         path_steps, path_repeats = 100, 5
     _, task = hyper_cleaning("tiny" if args.quick else None, [])
     fishers = {  # the paper's rank-1 online inverse; the experiments' dense and K-FAC ones
-        "dense rank-1 online": st.DenseFisher(samples="mean"),
-        "dense per-sample solve": st.DenseFisher(samples="woodbury", inverse="solve"),
-        "dense per-sample online": st.DenseFisher(samples="woodbury"),
+        "dense rank-1 online": DenseFisher(samples="mean"),
+        "dense per-sample solve": DenseFisher(samples="woodbury", inverse="solve"),
+        "dense per-sample online": DenseFisher(samples="woodbury"),
         "kfac": KFACFisher(task.kfac_layers),
     }
     lr = SETTINGS["nhgd_dense"][0]

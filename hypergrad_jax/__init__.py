@@ -5,7 +5,7 @@ grad, info = hg.hypergradient(problem, run, hg.Implicit(), hparams, params0,
                               inner_data, outer_data)
 """
 
-from hypergrad_jax import data, kfac, linalg, optim, outer, parallel, stochastic, testing
+from hypergrad_jax import data, fisher, linalg, optim, outer, parallel, stochastic, testing
 from hypergrad_jax.api import (
     HypergradientError,
     Info,
@@ -40,7 +40,7 @@ __all__ = [
     "Unrolled",
     "hypergradient",
     "data",
-    "kfac",
+    "fisher",
     "linalg",
     "optim",
     "outer",

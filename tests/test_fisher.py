@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hypergrad_jax import linalg
+from hypergrad_jax import fisher
 
 
 def samples(key, n, d):
@@ -16,11 +16,11 @@ def test_sherman_morrison_ema_and_mean_equal_direct_inversion(getkey):
     # (damping 0.5, 40 samples in 6 dimensions), so float64 rounding leaves ~1e-14.
     d, rho, beta = 6, 0.5, 0.9
     us = samples(getkey(), 40, d)
-    ema, mean = linalg.fisher_init(d, rho), linalg.fisher_init(d, rho)
+    ema, mean = fisher.inverse_init(d, rho), fisher.inverse_init(d, rho)
     f_ema = f_sum = rho * jnp.eye(d)
     for t, u in enumerate(us):
-        ema = linalg.fisher_ema_update(ema, u, beta)
-        mean = linalg.fisher_mean_update(mean, u)
+        ema = fisher.ema_update(ema, u, beta)
+        mean = fisher.mean_update(mean, u)
         f_ema = beta * f_ema + (1 - beta) * jnp.outer(u, u)
         f_sum = f_sum + jnp.outer(u, u)
         for a, f in ((ema.inverse, f_ema), (mean.inverse, f_sum / (t + 2))):
@@ -30,22 +30,22 @@ def test_sherman_morrison_ema_and_mean_equal_direct_inversion(getkey):
 
 def test_woodbury_batch_update_equals_direct_inversion(getkey):
     d, rho, beta, b = 7, 0.3, 0.8, 4
-    state = linalg.fisher_init(d, rho)
+    state = fisher.inverse_init(d, rho)
     f = rho * jnp.eye(d)
     for _ in range(5):
         us = samples(getkey(), b, d)
-        state = linalg.fisher_ema_update_batch(state, us, beta)
+        state = fisher.ema_update_batch(state, us, beta)
         f = beta * f + (1 - beta) / b * us.T @ us
         np.testing.assert_allclose(state.inverse, jnp.linalg.inv(f), rtol=1e-10, atol=1e-12)
 
 
 def test_woodbury_mean_update_equals_direct_inversion(getkey):
     d, rho, b = 7, 0.3, 4
-    state = linalg.fisher_init(d, rho)
+    state = fisher.inverse_init(d, rho)
     f_sum = rho * jnp.eye(d)
     for t in range(5):
         us = samples(getkey(), b, d)
-        state = linalg.fisher_mean_update_batch(state, us)
+        state = fisher.mean_update_batch(state, us)
         f_sum = f_sum + us.T @ us / b
         np.testing.assert_allclose(
             state.inverse, jnp.linalg.inv(f_sum / (t + 2)), rtol=1e-10, atol=1e-12
@@ -69,9 +69,9 @@ def test_information_matrix_equality_on_a_well_specified_logistic_model(getkey):
         x = jax.random.normal(kx, (n, d))
         y = jax.random.bernoulli(ky, jax.nn.sigmoid(x @ w)).astype(x.dtype)
         grads = jax.vmap(jax.grad(loss), (None, 0, 0))(w, x, y)
-        fisher = grads.T @ grads / n
+        empirical = grads.T @ grads / n
         hessian = jax.hessian(lambda w: jnp.mean(jax.vmap(loss, (None, 0, 0))(w, x, y)))(w)
-        distances.append(float(jnp.linalg.norm(fisher - hessian) / jnp.linalg.norm(hessian)))
+        distances.append(float(jnp.linalg.norm(empirical - hessian) / jnp.linalg.norm(hessian)))
     assert distances[0] > distances[1] > distances[2]
     assert distances[2] < 0.05
 
@@ -80,4 +80,4 @@ def test_damping_must_be_positive():
     import pytest
 
     with pytest.raises(ValueError, match="damping: expected > 0"):
-        linalg.fisher_init(3, 0.0)
+        fisher.inverse_init(3, 0.0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.linalg import block_diag
 
-from hypergrad_jax.kfac import KFACFisher, KFACState, recover_rank_one
+from hypergrad_jax.fisher import KFACFisher, KFACState, recover_rank_one
 
 LAYERS = (("w0", "b0"), ("w1", "b1"))
 

@@ -1,7 +1,7 @@
 """The NHGD comparison tasks experiments.nhgd.regularization and .distillation.
 
 At their configs' ``tiny`` task settings: the Task contract holds, the losses are finite, the
-exact hypergradient the runner uses as its reference (``stochastic.dense_hypergradient``)
+exact hypergradient the runner uses as its reference (``hg.testing.implicit_hypergradient``)
 equals float64 central finite differences of ``F(λ) = f(θ*(λ), λ)`` (``θ*`` by Newton), and
 one NHGD and one SOBA step run. The tiny comparison end to end through the CLI is marked
 slow (compiling one program per method variant dominates it).
@@ -20,6 +20,7 @@ import scipy.linalg
 import threadpoolctl
 from jax.flatten_util import ravel_pytree
 
+import hypergrad_jax as hg
 from experiments import cli
 from experiments import config as cfg_lib
 from experiments.config import ConfigError
@@ -112,7 +113,9 @@ def _check_dense_hypergradient(task):
 
     # The reference as the runner uses it: the dense solve at the converged θ*.
     theta = unravel(jnp.asarray(flat_theta))
-    reference = jax.jit(lambda h, t: st.dense_hypergradient(problem, h, t, train, val, 0)[0])
+    reference = jax.jit(
+        lambda h, t: hg.testing.implicit_hypergradient(problem, h, t, train, val, 0)[0]
+    )
     hypergrad = np.asarray(ravel_pytree(reference(hparams, theta))[0])
     outer = jax.jit(lambda x, h: problem.outer_loss(unravel(x), unravel_h(h), val))
 
@@ -144,7 +147,7 @@ def _check_dense_hypergradient(task):
 
 def test_one_nhgd_and_one_soba_step_run(task):
     methods = {
-        "nhgd": st.NHGD(3, 0.1, st.DenseFisher(samples="woodbury")),
+        "nhgd": st.NHGD(3, 0.1, hg.fisher.DenseFisher(samples="woodbury")),
         "soba": st.SOBA(0.1, 0.1),
     }
     optimizer = optax.sgd(0.1)

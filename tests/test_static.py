@@ -8,7 +8,7 @@ from problems import tour_problem
 
 import hypergrad_jax as hg
 from hypergrad_jax import api, stochastic
-from hypergrad_jax.kfac import KFACFisher
+from hypergrad_jax.fisher import DenseFisher, KFACFisher
 from hypergrad_jax.static import Static, typed_key
 
 OPTION_TYPES = [
@@ -22,10 +22,10 @@ OPTION_TYPES = [
     hg.InnerRun,
     hg.BilevelProblem,
     hg.InnerOptimizer,
-    stochastic.DenseFisher,
+    DenseFisher,
     stochastic.NHGD,
-    stochastic.StocBiO,
-    stochastic.AmIGO,
+    stochastic.StochasticNeumann,
+    stochastic.StochasticSGD,
     stochastic.SOBA,
     stochastic.SolveAfter,
     KFACFisher,

@@ -10,7 +10,7 @@ step ``lr`` and ``T = compare.inner_steps`` inner steps per outer step:
   ``nhgd_dense_inverse``: ``"online"``, the
   paper's inverse updated every inner step, or ``"solve"``, one solve after the loop with
   ``nhgd_damping`` as a constant ridge);
-* ``nhgd_kfac``: ``NHGD`` with ``kfac.KFACFisher(task.kfac_layers)`` (EMA ``β``, same prior);
+* ``nhgd_kfac``: ``NHGD`` with ``hg.fisher.KFACFisher(task.kfac_layers)`` (EMA ``β``, same prior);
 * ``nhgd_dense_parallel``, ``nhgd_kfac_parallel``: the same with ``NHGD(parallel=True)``, the
   Fisher update on a second device concurrently with the inner SGD. They need
   ``jax.device_count() >= 2`` (``--local-devices 2`` on CPU); otherwise they are *skipped* and
@@ -49,13 +49,12 @@ noise from other processes on the machine each chunk is timed ``timing_repeats``
 the same state and its fastest time counts (as ``timeit`` does); the run continues from the
 (identical) result.
 
-The exact reference: ``θ*(λ)`` on ``task.train`` by :func:`inner_solution` (damped
+The exact reference: ``θ*(λ)`` on ``task.train`` by ``hg.testing.inner_minimizer`` (damped
 Newton-CG, ``reference_newton_steps`` steps warm-started from the previous evaluation's
 ``θ*``; the first from ``θ*(task.hparams)``, solved once from ``task.params`` with 3× the
-steps), then ``stochastic.dense_hypergradient(problem, λ, θ*, task.train, task.val,
-newton_steps=0)``: the dense Hessian at ``θ*`` and one dense solve. (Its own undamped Newton
-steps diverge from far away on weakly regularised problems; with ``θ*`` converged they are
-not needed.) The reference's residual ``|∇_θ g(θ*)|`` is recorded with the curves. At outer
+steps), then ``hg.testing.implicit_hypergradient(problem, λ, θ*, task.train, task.val,
+newton_steps=0)``: the dense Hessian at ``θ*`` and one dense solve. The reference's
+residual ``|∇_θ g(θ*)|`` is recorded with the curves. At outer
 step 0 there is no hypergradient yet: the cosine is NaN there. Note the cosine of a
 stochastic estimate whose mixed product sees one minibatch (e.g. per-sample hyperparameters:
 only the batch's entries are non-zero) is bounded well below 1 even when unbiased; compare
@@ -140,7 +139,6 @@ KNOBS = {
 }
 ORACLES = ("grads", "hvps", "mixed", "outer")
 PENDING, DONE, SKIPPED = 0, 1, 2
-REFERENCE_CG_ITERS = 100  # CG iterations per Newton step of the reference's inner solve
 COLD_START_FACTOR = 3  # Newton steps of a cold reference solve, × reference_newton_steps
 SKIP_REASONS = {
     1: "skipped: needs >= 2 JAX devices (on CPU: --local-devices 2)",
@@ -254,11 +252,9 @@ def make_method(name: str, task: Task, cfg: CompareConfig, lr, knob):
     T = cfg.inner_steps
     if name.startswith("nhgd"):
         if "kfac" in name:
-            from hypergrad_jax.kfac import KFACFisher
-
-            fisher = KFACFisher(task.kfac_layers, "ema", knob, cfg.nhgd_damping)
+            fisher = hg.fisher.KFACFisher(task.kfac_layers, "ema", knob, cfg.nhgd_damping)
         else:
-            fisher = stochastic.DenseFisher(
+            fisher = hg.fisher.DenseFisher(
                 "ema", knob, cfg.nhgd_damping, cfg.nhgd_dense_samples, cfg.nhgd_dense_inverse
             )
         extra = {"parallel": True} if name.endswith("_parallel") else {}
@@ -359,9 +355,9 @@ class Runner:
         self.compiled: dict[str, Any] = {}
         self.evaluate = jax.jit(task.evaluate)
         problem = task.problem
-        # θ* comes converged from inner_solution: no further Newton step is needed.
+        # θ* comes converged from inner_minimizer: no further Newton step is needed.
         self.reference = jax.jit(
-            lambda h, p, train, val: stochastic.dense_hypergradient(problem, h, p, train, val, 0)
+            lambda h, p, train, val: hg.testing.implicit_hypergradient(problem, h, p, train, val, 0)
         )
         self._solve = None
         self._theta0 = None
@@ -406,7 +402,7 @@ class Runner:
     def inner_solution(self, hparams, params, steps: int):
         """``(θ*(λ), |∇_θ g(θ*)|)`` by damped Newton-CG from ``params`` (one program)."""
         if self._solve is None:
-            self._solve = jax.jit(functools.partial(inner_solution, self.task.problem))
+            self._solve = jax.jit(functools.partial(hg.testing.inner_minimizer, self.task.problem))
         return self._solve(hparams, params, self.task.train, steps)
 
     @property
@@ -433,34 +429,6 @@ class Runner:
             return values, math.nan, None, residual
         exact, _ = self.reference(grad_at, theta, self.task.train, self.task.val)
         return values, cosine(grad, exact), theta, residual
-
-
-def inner_solution(problem, hparams, params, train, steps):
-    """``θ*(λ) = argmin_θ g(θ, λ; train)`` by ``steps`` damped Newton-CG steps from ``params``.
-
-    Each step solves ``H d = ∇g`` by CG (``REFERENCE_CG_ITERS`` HVPs at most, relative
-    tolerance 1e-7) and takes the largest step ``t = 2^-k`` (``k < 12``) that satisfies
-    Armijo's condition, up to rounding; ``t = 0`` if none does. (Plain Newton, as in
-    ``stochastic.dense_hypergradient``, diverges from far away on weakly regularised
-    problems: the line search makes the reference safe from any start.) Returns
-    ``(θ*, |∇_θ g(θ*)|)``.
-    """
-    flat0, unravel = ravel_pytree(params)
-    loss = lambda x: problem.inner_loss(unravel(x), hparams, train)  # noqa: E731
-    ts = 0.5 ** jnp.arange(12, dtype=flat0.dtype)
-    eps = jnp.finfo(flat0.dtype).eps
-
-    def newton(x, _):
-        f, g = jax.value_and_grad(loss)(x)
-        hvp = lambda v: jax.jvp(jax.grad(loss), (x,), (v,))[1]  # noqa: E731
-        d, _ = hg.CG(maxiter=REFERENCE_CG_ITERS, tol=1e-7)(hvp, g)
-        trial = jax.vmap(lambda t: loss(x - t * d))(ts)
-        ok = trial <= f - 1e-4 * ts * (g @ d) + 8 * eps * jnp.abs(f)
-        t = jnp.where(jnp.any(ok), ts[jnp.argmax(ok)], 0.0)
-        return x - t * d, None
-
-    flat = jax.lax.fori_loop(0, steps, lambda _, x: newton(x, None)[0], flat0)
-    return unravel(flat), jnp.linalg.norm(jax.grad(loss)(flat))
 
 
 def run_unit(runner: Runner, unit: Unit) -> dict:

@@ -5,26 +5,21 @@ the relative error (max |a - b| / max |b|) of the hypergradient, end point and F
 state after two outer steps, per Fisher variant.
 """
 
-import importlib.util
-
 import jax
 from common import PROBLEM, emit, rel_err, sampler, setup
 
 from hypergrad_jax import stochastic as st
+from hypergrad_jax.fisher import DenseFisher, KFACFisher
 
 
 def variants():
-    out = {
-        "dense_mean": st.DenseFisher(),
-        "dense_woodbury": st.DenseFisher(samples="woodbury", average="mean"),
-        "dense_sequential": st.DenseFisher(samples="sequential"),
-        "dense_solve": st.DenseFisher(samples="woodbury", inverse="solve"),
+    return {
+        "dense_mean": DenseFisher(),
+        "dense_woodbury": DenseFisher(samples="woodbury", average="mean"),
+        "dense_sequential": DenseFisher(samples="sequential"),
+        "dense_solve": DenseFisher(samples="woodbury", inverse="solve"),
+        "kfac": KFACFisher(layers=(("w", "b"),)),
     }
-    if importlib.util.find_spec("hypergrad_jax.kfac") is not None:
-        from hypergrad_jax.kfac import KFACFisher
-
-        out["kfac"] = KFACFisher(layers=(("w", "b"),))
-    return out
 
 
 def main():

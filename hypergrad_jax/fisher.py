@@ -1,0 +1,515 @@
+"""Curvature surrogates for NHGD: an online inverse ``A ≈ F̂⁻¹`` of the empirical Fisher.
+
+NHGD (ALGORITHMS.md §3) replaces the linear solve of implicit differentiation by ``A ∇_θ f``
+with ``A`` built from the inner loop's own gradients, inside the same ``lax.scan``. Every
+curvature here is a value (a NamedTuple of options) implementing :class:`Curvature`::
+
+    state = curvature.init(params)
+    state = curvature.update(state, u, per_sample_grads)   # one inner step's samples
+    w = curvature.apply(state, tree)                        # A · tree
+
+``u = √B ḡ`` is the step's minibatch mean gradient scaled by the batch size's square root
+(one rank-1 Fisher sample), ``per_sample_grads`` the ``B`` per-sample gradients stacked on a
+leading axis (``None`` unless ``curvature.per_sample``).
+
+* :class:`DenseFisher`: a dense ``F̂`` (``O(|θ|²)``): rank-1 or rank-``B`` updates of ``A``
+  (Sherman–Morrison / Woodbury) or of ``F̂`` with one Cholesky solve at the end.
+* :class:`KFACFisher`: block-diagonal Kronecker factors per dense layer.
+* The recursions they are built from: :func:`inverse_init`, :func:`ema_update`,
+  :func:`mean_update`, :func:`ema_update_batch`, :func:`mean_update_batch`,
+  :func:`woodbury`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from hypergrad_jax.static import typed
+
+PyTree = Any
+
+
+class Curvature(Protocol):
+    """What NHGD needs of a curvature surrogate (see the module docstring)."""
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether :meth:`update` needs the per-sample gradients."""
+        ...
+
+    def init(self, params: PyTree) -> PyTree:
+        """The state before any sample: the prior."""
+        ...
+
+    def update(self, state: PyTree, u: PyTree, per_sample_grads: PyTree | None) -> PyTree:
+        """The state after one inner step's Fisher samples."""
+        ...
+
+    def apply(self, state: PyTree, tree: PyTree) -> PyTree:
+        """``A · tree`` with ``A ≈ F̂⁻¹``."""
+        ...
+
+
+# --------------------------------------------------------------------------- recursions
+# The inverse A ≈ F⁻¹ of a dense Fisher estimate, updated in O(d²) per sample instead of
+# inverting.
+
+
+class FisherInverse(NamedTuple):
+    inverse: jax.Array  # float[d, d]: A ≈ F⁻¹ (symmetric positive definite)
+    count: jax.Array  # int32[]: updates so far (the running mean's weights use it)
+
+
+def inverse_init(dim: int, damping: float, dtype=None) -> FisherInverse:
+    """``A_0 = I / damping``: the inverse of the prior ``F_0 = damping · I``."""
+    if damping <= 0:
+        raise ValueError(f"damping: expected > 0, got {damping}")
+    eye = jnp.eye(dim, dtype=dtype or jnp.result_type(float))
+    return FisherInverse(eye / damping, jnp.zeros((), jnp.int32))
+
+
+def _sherman_morrison(a, u, keep, add):
+    """``(keep · A⁻¹ + add · u uᵀ)⁻¹`` from ``A``:
+    ``[A − add (Au)(Au)ᵀ / (keep + add uᵀAu)] / keep``."""
+    au = a @ u
+    return (a - add * jnp.outer(au, au) / (keep + add * (u @ au))) / keep
+
+
+def ema_update(state: FisherInverse, u: jax.Array, beta) -> FisherInverse:
+    """EMA Fisher ``F' = β F + (1−β) u uᵀ``; its inverse by Sherman–Morrison::
+
+    A' = (1/β) [A − (1−β)(Au)(Au)ᵀ / (β + (1−β) uᵀAu)]
+    """
+    return FisherInverse(_sherman_morrison(state.inverse, u, beta, 1 - beta), state.count + 1)
+
+
+def mean_update(state: FisherInverse, u: jax.Array) -> FisherInverse:
+    """Running mean with the prior as one pseudo-sample: after ``t`` updates
+    ``F_t = (F_0 + Σ_s u_s u_sᵀ) / (t + 1)``, i.e. ``F' = (1−c) F + c u uᵀ`` with
+    ``c = 1 / (t + 2)``; its inverse by Sherman–Morrison."""
+    c = 1.0 / (state.count + 2).astype(state.inverse.dtype)
+    return FisherInverse(_sherman_morrison(state.inverse, u, 1 - c, c), state.count + 1)
+
+
+def woodbury(a, us, keep, add):
+    """``(keep · A⁻¹ + add/B · UᵀU)⁻¹`` from ``A`` with one ``B × B`` solve::
+
+    [A − A Uᵀ (keep·B/add · I + U A Uᵀ)⁻¹ U A] / keep
+    """
+    b = us.shape[0]
+    ua = us @ a  # (B, d); A is symmetric so U A = (A Uᵀ)ᵀ
+    inner = (keep * b / add) * jnp.eye(b, dtype=a.dtype) + ua @ us.T
+    new = (a - ua.T @ jnp.linalg.solve(inner, ua)) / keep
+    # Symmetrise: in float32 the rounding's antisymmetric part otherwise grows every update.
+    return 0.5 * (new + new.T)
+
+
+def ema_update_batch(state: FisherInverse, us: jax.Array, beta) -> FisherInverse:
+    """EMA with a batch of ``B`` samples (rows of ``us``, e.g. per-sample gradients from
+    ``vmap(grad)``): ``F' = β F + (1−β)/B · UᵀU``, inverted with one rank-``B`` Woodbury
+    update (a ``B × B`` solve)::
+
+        A' = (1/β) [A − A Uᵀ (β B/(1−β) I + U A Uᵀ)⁻¹ U A]
+    """
+    return FisherInverse(woodbury(state.inverse, us, beta, 1 - beta), state.count + 1)
+
+
+def mean_update_batch(state: FisherInverse, us: jax.Array) -> FisherInverse:
+    """Running mean of per-update batch Fishers: ``F' = (1−c) F + c/B · UᵀU``, ``c = 1/(t+2)``
+    (the prior counts as one update), inverted with one rank-``B`` Woodbury update."""
+    c = 1.0 / (state.count + 2).astype(state.inverse.dtype)
+    return FisherInverse(woodbury(state.inverse, us, 1 - c, c), state.count + 1)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+class FisherMatrix(NamedTuple):
+    matrix: jax.Array  # float[d, d]: the Fisher estimate F itself (DenseFisher(inverse="solve"))
+    count: jax.Array  # int32[]: updates so far
+
+
+@typed
+class DenseFisher(NamedTuple):
+    """A dense empirical Fisher ``F̂`` and its inverse ``A`` (``O(|θ|²)`` memory).
+
+    Attributes:
+      average: ``"ema"`` (``F' = β F + (1−β) F_sample``) or ``"mean"`` (the running mean
+        of every sample so far).
+      beta: the EMA factor.
+      damping: ``ρ``. With ``inverse="online"``, the prior ``F_0 = ρ I`` (``A_0 = I / ρ``),
+        which decays like ``β^t`` (EMA) or ``1/t`` (mean, the prior counting as one
+        sample): it regularises the early inverse only. With ``inverse="solve"``, a
+        constant ridge: ``A = (F̂ + ρ I)⁻¹``; set it to the inner loss's own ridge, which
+        the Hessian has and the gradients' Fisher lacks.
+      samples: how a minibatch becomes Fisher samples. ``"mean"``: one rank-1 sample
+        ``u = √B ḡ`` from the minibatch mean gradient the SGD step uses (no extra cost;
+        ``E[ḡḡᵀ] = F/B + ∇g∇gᵀ``, unbiased at the optimum). ``"woodbury"``: the ``B``
+        per-sample gradients in one rank-``B`` update (online: a ``B × B`` Woodbury solve).
+        ``"sequential"``: ``B`` rank-1 updates, one per sample (with ``"ema"`` the decay per
+        inner step is ``β^B``).
+      inverse: ``"online"`` (the paper's): ``A`` itself is the state, updated by
+        Sherman–Morrison / Woodbury every inner step, ``O(B d²)`` per step and no solve
+        after the loop. ``"solve"``: ``F̂`` is the state (the same rank-``B`` updates of
+        ``F`` instead of ``A``; EMA bias-corrected by ``1/(1−β^t)``), and ``A ∇_θ f`` is one
+        Cholesky solve with ``F̂ + ρ I`` after the loop, ``O(d³/3)``: cheaper when
+        ``d < 3 T B``, and numerically robust.
+
+    Caveat (online EMA): where the Fisher is (nearly) singular — softmax outputs (every
+    sample's gradient is orthogonal to the all-ones class direction), constant or
+    low-variance input features — only the decaying prior remains and ``A`` grows like
+    ``β^{-t}/ρ`` there; in float32 the recursion then loses precision within a few hundred
+    updates. Use ``inverse="solve"``, ``average="mean"``, ``NHGD(reset=True)`` or a larger
+    damping for long carried runs.
+    """
+
+    average: str = "ema"
+    beta: float = 0.95
+    damping: float = 1e-3
+    samples: str = "mean"
+    inverse: str = "online"
+
+    @property
+    def per_sample(self) -> bool:
+        return self.samples != "mean"
+
+    def init(self, params):
+        for name, allowed in (
+            ("average", ("ema", "mean")),
+            ("samples", ("mean", "woodbury", "sequential")),
+            ("inverse", ("online", "solve")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"DenseFisher.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if isinstance(self.beta, (int, float)) and not 0 < self.beta < 1:
+            raise ValueError(f"DenseFisher.beta: expected 0 < beta < 1, got {self.beta!r}")
+        flat, _ = ravel_pytree(params)
+        if self.inverse == "solve":
+            zeros = jnp.zeros((flat.size, flat.size), flat.dtype)
+            return FisherMatrix(zeros, jnp.zeros((), jnp.int32))
+        return inverse_init(flat.size, self.damping, flat.dtype)
+
+    def update(self, state, u, per_sample_grads):
+        """One inner step's update from ``u = √B ḡ`` (``samples="mean"``) or the per-sample
+        gradients."""
+        if self.samples == "mean":
+            rows = ravel_pytree(u)[0][None]
+        else:
+            rows = jax.vmap(lambda g: ravel_pytree(g)[0])(per_sample_grads)
+        if self.inverse == "solve":
+            return self._update_matrix(state, rows)
+        ema = self.average == "ema"
+        if self.samples == "mean":
+            if ema:
+                return ema_update(state, rows[0], self.beta)
+            return mean_update(state, rows[0])
+        if self.samples == "woodbury":
+            if ema:
+                return ema_update_batch(state, rows, self.beta)
+            return mean_update_batch(state, rows)
+        one = (lambda s, r: ema_update(s, r, self.beta)) if ema else mean_update
+        return jax.lax.scan(lambda s, r: (one(s, r), None), state, rows)[0]
+
+    def _update_matrix(self, state: FisherMatrix, rows) -> FisherMatrix:
+        """``F' = keep·F + (1 − keep)/B · UᵀU`` (sequential: one row at a time)."""
+        groups = rows[:, None] if self.samples == "sequential" else rows[None]
+
+        def one(state, us):
+            if self.average == "ema":
+                keep = jnp.asarray(self.beta, rows.dtype)
+            else:  # the mean of every update so far: F_t = mean of the batch Fishers
+                keep = 1.0 - 1.0 / (state.count + 1).astype(rows.dtype)
+            batch = us.T @ us / us.shape[0]
+            return FisherMatrix(keep * state.matrix + (1 - keep) * batch, state.count + 1), None
+
+        return jax.lax.scan(one, state, groups)[0]
+
+    def apply(self, state, tree):
+        """``A · tree``: the online inverse's product, or one Cholesky solve with ``F̂ + ρ I``."""
+        flat, unravel = ravel_pytree(tree)
+        if self.inverse == "online":
+            return unravel(state.inverse @ flat)
+        matrix = state.matrix
+        if self.average == "ema":  # bias correction: the EMA started from F = 0
+            weight = 1 - jnp.asarray(self.beta, matrix.dtype) ** state.count
+            matrix = matrix / jnp.where(state.count > 0, weight, 1)
+        eye = jnp.eye(flat.size, dtype=matrix.dtype)
+        factor = jax.scipy.linalg.cho_factor(matrix + self.damping * eye)
+        return unravel(jax.scipy.linalg.cho_solve(factor, flat))
+
+
+# --------------------------------------------------------------------------- K-FAC
+# Block-diagonal Kronecker-factored (K-FAC) online Fisher inverse for NHGD (ALGORITHMS.md §3).
+#
+# A dense Fisher inverse costs O(|θ|²) memory and O(|θ|² B) per update; for a neural network
+# that is out of reach. ``KFACFisher`` keeps, for every dense layer ``s = a·W + b``
+# (``W: [din, dout]``, ``b: [dout]``, row-vector convention ``x @ w + b``), two small factors and
+# treats the Fisher as block diagonal over layers (cross-layer blocks are dropped).
+#
+# **Kronecker factorisation.** One sample's gradient of a dense layer is rank one::
+#
+#     ∂W = a δᵀ,   ∂b = δ,   i.e.  G = [∂W; ∂bᵀ] = ā δᵀ   with  ā = [a; 1]  (din+1),
+#
+# where ``a`` is the layer's input and ``δ = ∂loss/∂s`` its back-propagated signal. With the
+# row-major ``vec`` (``vec(G)[k·dout + j] = G[k, j]``, i.e. ``G.reshape(-1)``),
+# ``vec(ā δᵀ) = ā ⊗ δ``, so the layer's Fisher block is::
+#
+#     F_layer = E[(ā ⊗ δ)(ā ⊗ δ)ᵀ] = E[ā āᵀ ⊗ δ δᵀ]  ≈  E[ā āᵀ] ⊗ E[δ δᵀ] = Ā ⊗ S.
+#
+# The approximation **assumes ā and δ independent** (more precisely, that ``ā āᵀ`` and ``δ δᵀ``
+# are uncorrelated); it is exact when one of them is constant, or e.g. for a softmax output
+# layer with labels drawn from the model when ``E[δ δᵀ | x] = diag p(x) − p(x) p(x)ᵀ`` does not
+# depend on ``x``; otherwise it is an approximation that degrades as that dependence grows.
+# Its inverse is ``Ā⁻¹ ⊗ S⁻¹``, which acts on a layer's gradient block as::
+#
+#     (Ā⁻¹ ⊗ S⁻¹) vec(G) = vec(Ā⁻¹ G S⁻¹)        (Ā, S symmetric).
+#
+# **Recovering a and δ from per-sample gradients.** The curvature protocol gets per-sample
+# gradients only, not activations. Since ``∂W_i = a_i δ_iᵀ`` and ``∂b_i = δ_i``::
+#
+#     δ_i = ∂b_i,      a_i = ∂W_i δ_i / |δ_i|²      (exact whenever ∂W_i is rank one).
+#
+# A sample with ``|δ_i|² ≤ DELTA_SQ_FLOOR = 1e-30`` (absolute) carries no curvature information
+# for that layer (e.g. a dead ReLU layer, or a saturated loss), and its ``a_i`` would be rounding
+# noise: ``∂W_i δ_i`` is of order ``|a_i| |δ_i|²`` and is subnormal in float32 once that is below
+# ~1e-38. Such samples get zero weight in ``Ā``'s batch estimate (renormalised over the rest); if
+# no sample of the batch is valid, ``Ā`` is left unchanged. ``S``'s estimate always averages all
+# ``B`` samples (a zero ``δ_i`` contributes the exact outer product zero).
+#
+# **Online inverses.** The state holds ``Ā⁻¹`` and ``S⁻¹`` (never the factors), updated per batch
+# like :func:`ema_update_batch` / :func:`mean_update_batch`: with batch estimates
+# ``Â = Σ_i w_i ā_i ā_iᵀ`` (``Σ w_i = 1``) and ``Ŝ = (1/B) Σ_i δ_i δ_iᵀ``::
+#
+#     EMA  ("ema"):  X' = β X + (1−β) X̂
+#     mean ("mean"): X' = (1−c) X + c X̂,  c = 1/(count + 2)   (the prior counts as one update)
+#
+# each inverted with a rank-``B`` Woodbury update (a ``B × B`` solve) when ``B < dim``, and with
+# the equivalent ``dim × dim`` solve ``X'⁻¹ = (keep·I + X⁻¹ M)⁻¹ X⁻¹`` (``M`` the added term)
+# otherwise; both are exact in exact arithmetic, the results are symmetrised. The weighted
+# ``Â`` uses the rows ``√(B w_i) ā_i`` so that ``(1/B) UᵀU = Σ w_i ā_i ā_iᵀ``.
+#
+# **Damping.** The prior is ``F_0 = damping · I`` for every layer block, i.e. each factor starts
+# at ``√damping · I`` (so ``Ā_0 ⊗ S_0 = damping · I``). Under the EMA the prior decays like
+# ``β^t``, under the running mean like ``1/(t+1)``; it is *not* re-added at every step.
+#
+# *Caveat.* Directions the data never excite keep only the decaying prior, so their inverse
+# grows like ``β^(−t)/√damping`` under the EMA. Such directions are common: a softmax output
+# layer's ``δ`` always sums to zero (``S`` is singular along ``1``), and always-zero inputs
+# (e.g. MNIST border pixels) make ``Ā`` singular. Over long EMA runs (hundreds of updates at
+# ``β = 0.95``) rounding in those directions is amplified and ``A`` loses definiteness (float32:
+# non-finite after ~3000 updates). The running mean only grows them like ``t``. Prefer
+# ``"mean"`` or resetting the state for long runs.
+#
+# **Cost.** Memory ``O(Σ_layers (din+1)² + dout²)`` instead of ``O(|θ|²)``. An update costs
+# ``O(B d²)`` per factor of dimension ``d`` (Woodbury ``O(B d² + B³)`` with ``B < d``, the solve
+# ``O(B d² + d³)`` with ``d ≤ B``), i.e. ``O(Σ_layers B ((din+1)² + dout²))`` instead of
+# ``O(B |θ|²)``; ``apply`` costs ``O(Σ_layers (din+1)² dout + (din+1) dout²)``.
+
+
+DELTA_SQ_FLOOR = 1e-30  # |δ_i|² at or below this: sample i carries no information on ā
+
+
+class KFACState(NamedTuple):
+    a_inv: tuple[jax.Array, ...]  # per layer float[din+1, din+1]: Ā⁻¹ (symmetric positive definite)
+    s_inv: tuple[jax.Array, ...]  # per layer float[dout, dout]: S⁻¹ (symmetric positive definite)
+    count: jax.Array  # int32[]: updates so far (the running mean's weights use it)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def recover_rank_one(dw: jax.Array, db: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Layer inputs and back-propagated signals from per-sample dense-layer gradients.
+
+    ``dw: [B, din, dout]``, ``db: [B, dout]`` with ``dw_i = a_i δ_iᵀ``, ``db_i = δ_i``. Returns
+    ``(a, δ, valid)``: ``a_i = dw_i δ_i / |δ_i|²`` ``[B, din]``, ``δ = db`` ``[B, dout]`` and
+    ``valid_i = |δ_i|² > DELTA_SQ_FLOOR`` ``bool[B]`` (``a_i = 0`` where not valid).
+    """
+    sq = jnp.sum(db * db, axis=-1)
+    valid = sq > DELTA_SQ_FLOOR
+    safe = jnp.where(valid, sq, 1.0)
+    a = jnp.einsum("bij,bj->bi", dw, db) / safe[:, None]
+    return jnp.where(valid[:, None], a, 0.0), db, valid
+
+
+def _augment(a: jax.Array) -> jax.Array:
+    """``ā = [a; 1]`` per row: ``[B, din] -> [B, din+1]``."""
+    return jnp.concatenate([a, jnp.ones_like(a[:, :1])], axis=1)
+
+
+def _weighted_rows(abar: jax.Array, valid: jax.Array) -> jax.Array:
+    """Rows ``u_i = √(B w_i) ā_i`` with ``w_i = valid_i / #valid``, so that
+    ``(1/B) UᵀU = Σ_i w_i ā_i ā_iᵀ``; all zero when no sample is valid."""
+    b = abar.shape[0]
+    n = jnp.maximum(jnp.sum(valid), 1).astype(abar.dtype)
+    scale = jnp.where(valid, jnp.sqrt(b / n), 0.0).astype(abar.dtype)
+    return abar * scale[:, None]
+
+
+def _inverse_update(x_inv: jax.Array, us: jax.Array, keep, add) -> jax.Array:
+    """``(keep · X + add/B · UᵀU)⁻¹`` from ``X⁻¹`` (``U: [B, d]``), symmetrised.
+
+    ``B < d``: Woodbury, one ``B × B`` solve (:func:`woodbury`). Otherwise the ``d × d``
+    solve ``(keep·I + X⁻¹ M)⁻¹ X⁻¹`` with ``M = add/B · UᵀU``, which needs no factor ``X``.
+    """
+    b, d = us.shape
+    if b < d:
+        new = woodbury(x_inv, us, keep, add)
+    else:
+        m = (add / b) * (us.T @ us)
+        new = jnp.linalg.solve(keep * jnp.eye(d, dtype=x_inv.dtype) + x_inv @ m, x_inv)
+    return 0.5 * (new + new.T)
+
+
+def _split(layer_block: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``[din+1, dout] -> (w [din, dout], b [dout])``: the bias is the last row."""
+    return layer_block[:-1], layer_block[-1]
+
+
+def _stack(w: jax.Array, b: jax.Array) -> jax.Array:
+    """``G = [w; bᵀ]``: ``(w [din, dout], b [dout]) -> [din+1, dout]``."""
+    return jnp.concatenate([w, b[None, :]], axis=0)
+
+
+def _weights(count, beta, mean: bool, dtype):
+    """``(keep, add)`` of ``X' = keep·X + add·X̂``: ``(β, 1−β)`` for the EMA, ``(1−c, c)`` with
+    ``c = 1/(count+2)`` for the running mean."""
+    if not mean:
+        return beta, 1.0 - beta
+    c = 1.0 / (count + 2).astype(dtype)
+    return 1.0 - c, c
+
+
+@functools.partial(jax.jit, static_argnames="mean")
+def _update_layer(a_inv, s_inv, dw, db, count, beta, mean: bool):
+    """One layer's ``(Ā⁻¹, S⁻¹) -> (Ā'⁻¹, S'⁻¹)`` with ``X' = keep·X + add·X̂`` (the K-FAC
+    section above).
+
+    Jitted so that eager use compiles one kernel per layer shape instead of one per op; inside
+    an outer ``jit``/``scan`` it is simply inlined.
+    """
+    keep, add = _weights(count, beta, mean, a_inv.dtype)
+    a, delta, valid = recover_rank_one(dw.astype(a_inv.dtype), db.astype(s_inv.dtype))
+    new_a = _inverse_update(a_inv, _weighted_rows(_augment(a), valid), keep, add)
+    new_a = jnp.where(jnp.any(valid), new_a, a_inv)  # no valid sample: Ā unchanged
+    return new_a, _inverse_update(s_inv, delta, keep, add)
+
+
+@jax.jit
+def _apply_layer(a_inv, s_inv, w, b):
+    """``(w, b) ↦ Ā⁻¹ G S⁻¹`` split back, with ``G = [w; bᵀ]``."""
+    return _split(a_inv @ _stack(w, b) @ s_inv)
+
+
+# --------------------------------------------------------------------------- the curvature
+
+
+@typed
+class KFACFisher(NamedTuple):
+    """Block-diagonal K-FAC Fisher inverse over the dense layers of an MLP (see the K-FAC
+    section above).
+
+    ``layers`` lists ``(weight key, bias key)`` per dense layer of a *flat dict* of params
+    (``w: [din, dout]``, ``b: [dout]``, ``x @ w + b``); together they must cover every leaf.
+    ``average``: ``"ema"`` (factor ``β``) or ``"mean"`` (running mean, the prior counting as one
+    update). ``damping``: prior ``F_0 = damping · I`` per block (each factor ``√damping · I``).
+    """
+
+    layers: tuple[tuple[str, str], ...]
+    average: str = "ema"
+    beta: float = 0.95
+    damping: float = 1e-3
+
+    @property
+    def per_sample(self) -> bool:
+        """Needs per-sample gradients (the rank-one structure recovers ``a_i`` and ``δ_i``)."""
+        return True
+
+    # ---------------------------------------------------------------- validation
+
+    def _check_options(self) -> None:
+        if self.average not in ("ema", "mean"):
+            raise ValueError(f"average: expected 'ema' or 'mean', got {self.average!r}")
+        if self.average == "ema" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta: expected 0 < beta < 1, got {self.beta}")
+        if not self.damping > 0:
+            raise ValueError(f"damping: expected > 0, got {self.damping}")
+
+    def _check_layers(self, params: PyTree) -> None:
+        if not isinstance(params, dict):
+            raise ValueError(
+                f"layers: KFACFisher needs params as a flat dict of dense layers, "
+                f"got {type(params).__name__}"
+            )
+        if not self.layers:
+            raise ValueError("layers: expected at least one (weight key, bias key) pair")
+        if any(not (isinstance(p, tuple | list) and len(p) == 2) for p in self.layers):
+            raise ValueError(f"layers: expected (weight key, bias key) pairs, got {self.layers}")
+        named = [k for pair in self.layers for k in pair]
+        dup = sorted({k for k in named if named.count(k) > 1})
+        missing = sorted(set(params) - set(named), key=str)
+        extra = sorted(set(named) - set(params), key=str)
+        if dup or missing or extra:
+            raise ValueError(
+                f"layers must name every leaf of params exactly once: "
+                f"missing {missing}, extra {extra}, repeated {dup}"
+            )
+        for wk, bk in self.layers:
+            w, b = jnp.shape(params[wk]), jnp.shape(params[bk])
+            if len(w) != 2 or b != w[1:]:
+                raise ValueError(
+                    f"layers: ({wk!r}, {bk!r}) is not a dense layer: expected "
+                    f"{wk}: [din, dout] and {bk}: [dout], got shapes {w} and {b}"
+                )
+
+    # ---------------------------------------------------------------- protocol
+
+    def init(self, params: PyTree) -> KFACState:
+        """``Ā⁻¹_0 = I/√damping`` (``din+1``) and ``S⁻¹_0 = I/√damping`` (``dout``) per layer."""
+        self._check_options()
+        self._check_layers(params)
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.result_type(float)
+        eye = lambda n: jnp.asarray(np.eye(n) / np.sqrt(self.damping), dtype)  # no compile
+        a_inv = [eye(jnp.shape(params[wk])[0] + 1) for wk, _ in self.layers]
+        s_inv = [eye(jnp.shape(params[wk])[1]) for wk, _ in self.layers]
+        return KFACState(tuple(a_inv), tuple(s_inv), jnp.asarray(0, jnp.int32))
+
+    def update(self, state: KFACState, u: PyTree, per_sample_grads: PyTree) -> KFACState:
+        """One batch: recover ``(ā_i, δ_i)`` per layer, update ``Ā⁻¹`` and ``S⁻¹`` (see the
+        K-FAC section above).
+
+        ``u`` (the scaled minibatch mean gradient) is unused; ``per_sample_grads`` is
+        params-like with a leading batch axis ``B``.
+        """
+        del u
+        a_inv, s_inv = [], []
+        for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
+            dw, db = per_sample_grads[wk], per_sample_grads[bk]
+            if dw.ndim != 3 or db.ndim != 2 or dw.shape[::2] != db.shape:
+                raise ValueError(
+                    f"per_sample_grads: ({wk!r}, {bk!r}) expected [B, din, dout] and [B, dout], "
+                    f"got {dw.shape} and {db.shape}"
+                )
+            mean = self.average == "mean"
+            new_a, new_s = _update_layer(ai, si, dw, db, state.count, self.beta, mean)
+            a_inv.append(new_a)
+            s_inv.append(new_s)
+        return KFACState(tuple(a_inv), tuple(s_inv), state.count + 1)
+
+    def apply(self, state: KFACState, tree: PyTree) -> PyTree:
+        """``A · tree`` with ``A = blockdiag(Ā⁻¹ ⊗ S⁻¹)``: per layer ``G ↦ Ā⁻¹ G S⁻¹`` with
+        ``G = [w-part; b-part as last row]``."""
+        out = {}
+        for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
+            out[wk], out[bk] = _apply_layer(ai, si, tree[wk], tree[bk])
+        return out

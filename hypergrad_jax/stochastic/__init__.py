@@ -1,0 +1,73 @@
+"""Stochastic bilevel methods on minibatch oracles: NHGD and the baselines it is measured against.
+
+Every method is a value (a NamedTuple of its settings) with two pure, jittable functions::
+
+    state = method.init(params, hparams)
+    state, grad, stats = method.step(problem, state, hparams, inner_data, outer_data, key)
+
+``inner_data`` is a minibatch sampler ``(key, step) -> batch`` (or one batch used at every
+step); ``outer_data`` a batch or ``key -> batch``. ``grad`` estimates ``∇F(λ)``; the caller
+applies any optax transformation to the hyperparameters (:func:`outer_init` and
+:func:`outer_step` do exactly that). ``state`` carries what a method keeps between outer
+steps: the inner iterate ``θ`` (always warm-started), the linear-system variable ``v``
+(AmIGO, SOBA, :class:`SolveAfter`) and NHGD's Fisher-inverse state. ``stats.oracles`` counts
+the minibatch oracle calls of the step: gradients, Hessian-vector products and mixed
+products ``∂²_{λθ} g · v`` of the inner loss, and gradients of the outer loss.
+
+Methods (ALGORITHMS.md §1, §3), all with inner SGD at a fixed step ``lr``; one module
+per concept: :mod:`.common` (state, oracle counts, shared pieces, the outer loop),
+:mod:`.nhgd`, :mod:`.baselines`:
+
+* :class:`NHGD` (:mod:`.nhgd`): ``num_steps`` SGD steps whose gradients also update an
+  online inverse ``A ≈ F̂⁻¹`` of the empirical Fisher (:mod:`hypergrad_jax.fisher`) in the
+  same ``lax.scan`` ("optimize-and-approximate");
+  then ``ĥ = ∇_λ f − ∂²_{λθ} g · (A ∇_θ f)``: one mixed product, no linear solve.
+* :class:`SolveAfter`: SGD steps, then a stochastic linear solve of ``H v = ∇_θ f``, then
+  one mixed product; with presets :func:`StocBiO` (a Neumann series on fresh minibatch
+  HVPs) and :func:`AmIGO` (SGD on the linear system, ``v`` warm-started), or any
+  :mod:`~hypergrad_jax.linalg` solver on one minibatch's Hessian.
+* :class:`SOBA`: single loop; one step each on ``θ``, ``v`` and (by the caller) ``λ``.
+
+The inner loss must be a mean over the leading axis of the batch for the per-sample Fisher
+options (each sample's gradient is the loss's gradient on a batch of one).
+"""
+
+from hypergrad_jax.stochastic.baselines import (
+    SOBA,
+    STOCHASTIC_SOLVERS,
+    AmIGO,
+    SolveAfter,
+    StocBiO,
+    StochasticNeumann,
+    StochasticSGD,
+)
+from hypergrad_jax.stochastic.common import (
+    Oracles,
+    OuterState,
+    State,
+    Stats,
+    outer_init,
+    outer_step,
+)
+from hypergrad_jax.stochastic.nhgd import NHGD, SAMPLE_WEIGHT_FLOOR
+
+METHODS = (NHGD, SolveAfter, SOBA)
+
+__all__ = [
+    "AmIGO",
+    "METHODS",
+    "NHGD",
+    "Oracles",
+    "OuterState",
+    "SAMPLE_WEIGHT_FLOOR",
+    "SOBA",
+    "STOCHASTIC_SOLVERS",
+    "SolveAfter",
+    "State",
+    "Stats",
+    "StocBiO",
+    "StochasticNeumann",
+    "StochasticSGD",
+    "outer_init",
+    "outer_step",
+]

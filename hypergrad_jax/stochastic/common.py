@@ -1,0 +1,136 @@
+"""What the stochastic methods share: oracle counts, the method state, and the pieces every
+method's step is built from (key streams, outer gradients, HVPs, the mixed product, SGD)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hypergrad_jax import linalg
+from hypergrad_jax.linalg import tree_axpy
+from hypergrad_jax.problem import batch_at
+
+PyTree = Any
+
+
+class Oracles(NamedTuple):
+    """Minibatch oracle calls in one outer step (int32 scalars). Per-sample gradients of a
+    minibatch (``vmap(grad)``) count as one gradient: they cost about as much."""
+
+    grads: jax.Array  # ∇_θ g on a minibatch
+    hvps: jax.Array  # ∂²_{θθ} g · v
+    mixed: jax.Array  # ∂²_{λθ} g · v
+    outer: jax.Array  # ∇ f on an outer batch
+
+    @property
+    def total(self) -> jax.Array:
+        return self.grads + self.hvps + self.mixed + self.outer
+
+
+def oracles(grads=0, hvps=0, mixed=1, outer=1) -> Oracles:
+    return Oracles(*(jnp.asarray(x, jnp.int32) for x in (grads, hvps, mixed, outer)))
+
+
+class Stats(NamedTuple):
+    outer_value: jax.Array  # f(θ, λ) on the outer batch, at the θ the hypergradient used
+    oracles: Oracles
+
+
+class State(NamedTuple):
+    params: PyTree  # θ: the inner iterate, warm-started across outer steps
+    adjoint: PyTree  # v ≈ H⁻¹ ∇_θ f (AmIGO, SOBA, SolveAfter), zeros for the others
+    fisher: PyTree  # NHGD's Fisher-inverse state, () for the others
+    step: jax.Array  # int32[]: outer steps done
+
+
+def init_state(params, fisher=()) -> State:
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return State(params, zeros, fisher, jnp.zeros((), jnp.int32))
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def check_positive(method, **fields) -> None:
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(
+                f"{type(method).__name__}.{name}: expected a positive number, got {value!r}"
+            )
+
+
+def check_steps(method, **fields) -> None:
+    for name, value in fields.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{type(method).__name__}.{name}: expected a positive int, got {value!r}"
+            )
+
+
+def split_keys(key):
+    """Independent streams: inner SGD batches, linear-system batches, outer batch."""
+    if key is None:
+        raise ValueError("key: a PRNG key is required by the stochastic methods")
+    return jax.random.split(key, 3)
+
+
+def outer_batch(outer_data, key):
+    return outer_data(key) if callable(outer_data) else outer_data
+
+
+def outer_gradients(problem, params, hparams, batch):
+    """``f`` and its gradients ``(∇_θ f, ∇_λ f)``: one outer oracle call."""
+    value, (f_theta, f_hparams) = jax.value_and_grad(problem.outer_loss, argnums=(0, 1))(
+        params, hparams, batch
+    )
+    return value, f_theta, f_hparams
+
+
+def hvp_operator(problem, params, hparams, batch):
+    return lambda v: linalg.hvp(problem.inner_loss, params, v, hparams, batch)
+
+
+def mixed_hypergradient(problem, params, hparams, batch, v, f_hparams):
+    """``∇_λ f − ∂²_{λθ} g · v``: one mixed product (a VJP of ``λ -> ∇_θ g``)."""
+    _, vjp = jax.vjp(lambda h: jax.grad(problem.inner_loss)(params, h, batch), hparams)
+    return tree_axpy(-1.0, vjp(v)[0], f_hparams)
+
+
+def sgd(problem, hparams, params, inner_data, key, num_steps, lr):
+    """``num_steps`` SGD steps on the sampler's batches ``0 .. num_steps − 1``."""
+
+    def body(p, t):
+        g = jax.grad(problem.inner_loss)(p, hparams, batch_at(inner_data, key, t))
+        return tree_axpy(-lr, g, p), None
+
+    return jax.lax.scan(body, params, jnp.arange(num_steps, dtype=jnp.int32))[0]
+
+
+# --------------------------------------------------------------------------- outer loop
+
+
+class OuterState(NamedTuple):
+    hparams: PyTree
+    opt_state: PyTree  # the optax state of the outer optimizer
+    method: State
+    key: jax.Array
+
+
+def outer_init(method, optimizer, hparams, params, key) -> OuterState:
+    """The state before the first outer step (validates the method's settings)."""
+    hparams, params = jax.tree.map(lambda x: jnp.array(x, jnp.result_type(x)), (hparams, params))
+    return OuterState(hparams, optimizer.init(hparams), method.init(params, hparams), key)
+
+
+def outer_step(problem, method, optimizer, state: OuterState, inner_data, outer_data):
+    """One outer step: ``method.step`` then the optax update of the hyperparameters.
+    Returns ``(state, (grad, stats))``."""
+    key, sub = jax.random.split(state.key)
+    inner, grad, stats = method.step(
+        problem, state.method, state.hparams, inner_data, outer_data, sub
+    )
+    updates, opt_state = optimizer.update(grad, state.opt_state, state.hparams)
+    hparams = jax.tree.map(lambda h, u: (h + u).astype(h.dtype), state.hparams, updates)
+    return OuterState(hparams, opt_state, inner, key), (grad, stats)

@@ -1,0 +1,201 @@
+"""NHGD: natural hypergradient descent (Kong, Chen, Zhang, Mou 2026; ALGORITHMS.md §3).
+
+The inner SGD's own gradients update an online Fisher-inverse surrogate (any
+:class:`hypergrad_jax.fisher.Curvature`) inside the same ``lax.scan``; the hypergradient is
+then one mixed product with ``A ∇_θ f``, no linear solve. The parallel variant runs the
+Fisher update on a second device, pipelined with the SGD steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hypergrad_jax import parallel
+from hypergrad_jax.fisher import DenseFisher
+from hypergrad_jax.linalg import tree_axpy
+from hypergrad_jax.problem import batch_at
+from hypergrad_jax.static import typed
+from hypergrad_jax.stochastic.common import (
+    State,
+    Stats,
+    check_positive,
+    check_steps,
+    init_state,
+    mixed_hypergradient,
+    oracles,
+    outer_batch,
+    outer_gradients,
+    split_keys,
+)
+
+
+def _batch_size(batch) -> int:
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "inner_data: NHGD's Fisher samples need the batch size (u = √B ḡ, or B "
+            "per-sample gradients), so every batch leaf must share a leading (sample) axis; "
+            f"got leading sizes {sorted(map(str, sizes))}"
+        )
+    return sizes.pop()
+
+
+def _per_sample_grads(problem, params, hparams, batch):
+    """Each sample's gradient (the loss on a batch of one), stacked on a leading axis."""
+    one = lambda b: jax.grad(problem.inner_loss)(  # noqa: E731
+        params, hparams, jax.tree.map(lambda x: x[None], b)
+    )
+    return jax.vmap(one)(batch)
+
+
+SAMPLE_WEIGHT_FLOOR = 1e-3  # NHGD.sample_weights: amplification of unweighted terms <= ~32x
+
+
+@typed
+class NHGD(NamedTuple):
+    """Natural hypergradient descent (Kong, Chen, Zhang, Mou 2026; ALGORITHMS.md §3).
+
+    ``num_steps`` inner SGD steps; each step's gradients also update ``A ≈ F̂⁻¹`` inside the
+    same ``lax.scan`` (the Fisher equals the inner Hessian at the optimum of a
+    well-specified negative log-likelihood). Then ``ĥ = ∇_λ f − ∂²_{λθ} g · (A ∇_θ f)`` at
+    ``θ_T`` with one mixed product on a fresh minibatch. Oracles per outer step:
+    ``num_steps`` gradients, 0 HVPs, 1 mixed product, 1 outer gradient.
+
+    Attributes:
+      num_steps, lr: inner SGD steps per outer step and their step size.
+      fisher: a :class:`hypergrad_jax.fisher.Curvature`: :class:`~hypergrad_jax.fisher.DenseFisher`
+        or :class:`~hypergrad_jax.fisher.KFACFisher` (block diagonal, for MLPs).
+      reset: start each outer step from the prior (``True``) or carry ``A`` over (default).
+      sample_weights: ``(hparams, batch) -> float[B]``, for inner losses that are weighted
+        likelihoods ``Σ w_i ℓ_i``: their Hessian is ``Σ w_i ∇²ℓ_i ≈ Σ w_i F_i`` while the
+        gradients' second moment is ``Σ w_i² ∇ℓ_i∇ℓ_iᵀ``, so per-sample gradients are divided
+        by ``√w_i`` before the Fisher update (per-sample Fishers only). Weights are floored
+        at :data:`SAMPLE_WEIGHT_FLOOR`: a sample's gradient also carries the loss's
+        unweighted terms (e.g. a ridge), which the division would otherwise blow up.
+      parallel: run the Fisher update on a second device, concurrently with the inner SGD
+        (the paper's parallel implementation; needs two devices): same numbers as the fused
+        loop, per-step critical path ``max(gradient, Fisher update) + transfer`` instead of
+        their sum. See :func:`_parallel_inner_loop`.
+    """
+
+    num_steps: int
+    lr: float
+    fisher: Any = DenseFisher()
+    reset: bool = False
+    sample_weights: Callable | None = None
+    parallel: bool = False
+
+    def init(self, params, hparams):
+        del hparams
+        check_steps(self, num_steps=self.num_steps)
+        check_positive(self, lr=self.lr)
+        if self.sample_weights is not None and not self.fisher.per_sample:
+            raise ValueError(
+                "NHGD.sample_weights: needs per-sample Fisher updates (e.g. "
+                "DenseFisher(samples='woodbury') or KFACFisher); the fisher given uses "
+                "the minibatch mean gradient"
+            )
+        if self.parallel and jax.device_count() < 2:
+            raise ValueError(
+                f"NHGD.parallel: needs 2 devices, {jax.device_count()} available (on CPU set "
+                "XLA_FLAGS=--xla_force_host_platform_device_count=2 before JAX starts, or "
+                "`hypergrad run ... --local-devices 2`)"
+            )
+        return init_state(params, self.fisher.init(params))
+
+    def samples(self, problem, hparams, params, batch):
+        """One inner step's gradient and its Fisher samples ``(u = √B ḡ, per-sample)``."""
+        per = None
+        if self.fisher.per_sample:
+            per = _per_sample_grads(problem, params, hparams, batch)
+            grad = jax.tree.map(lambda x: jnp.mean(x, axis=0), per)
+            if self.sample_weights is not None:
+                w = self.sample_weights(hparams, batch)
+                scale = jax.lax.rsqrt(jnp.maximum(w, SAMPLE_WEIGHT_FLOOR))
+                per = jax.tree.map(lambda x: x * scale.reshape((-1,) + (1,) * (x.ndim - 1)), per)
+        else:
+            grad = jax.grad(problem.inner_loss)(params, hparams, batch)
+        u = jax.tree.map(lambda g: g * math.sqrt(_batch_size(batch)), grad)
+        return grad, (u, per)
+
+    def step(self, problem, state, hparams, inner_data, outer_data, key):
+        k_inner, _, k_outer = split_keys(key)
+        fisher = self.fisher.init(state.params) if self.reset else state.fisher
+        loop = _parallel_inner_loop if self.parallel else _fused_inner_loop
+        params, fisher = loop(self, problem, hparams, state.params, fisher, inner_data, k_inner)
+        value, f_theta, f_hparams = outer_gradients(
+            problem, params, hparams, outer_batch(outer_data, k_outer)
+        )
+        w = self.fisher.apply(fisher, f_theta)
+        batch = batch_at(inner_data, k_inner, jnp.int32(self.num_steps))
+        grad = mixed_hypergradient(problem, params, hparams, batch, w, f_hparams)
+        new = State(params, state.adjoint, fisher, state.step + 1)
+        return new, grad, Stats(value, oracles(grads=self.num_steps))
+
+
+def _fused_inner_loop(method, problem, hparams, params, fisher, inner_data, key):
+    """NHGD's inner loop on one device: each step's gradient moves ``θ`` and updates ``A``."""
+
+    def body(carry, t):
+        params, fisher = carry
+        batch = batch_at(inner_data, key, t)
+        grad, samples = method.samples(problem, hparams, params, batch)
+        fisher = method.fisher.update(fisher, *samples)
+        return (tree_axpy(-method.lr, grad, params), fisher), None
+
+    steps = jnp.arange(method.num_steps, dtype=jnp.int32)
+    return jax.lax.scan(body, (params, fisher), steps)[0]
+
+
+_ROLE = "nhgd_role"
+
+
+def _parallel_inner_loop(method, problem, hparams, params, fisher, inner_data, key):
+    """NHGD's inner loop on two devices, pipelined: at step ``t`` device 0 computes the
+    gradient at ``θ_t`` and steps ``θ``, while device 1 updates ``A`` with step ``t − 1``'s
+    Fisher samples; the samples then move 0 → 1 (``ppermute``). Device 1 applies the last
+    samples after the loop. The sequence of updates, hence every number, is the fused
+    loop's. Both devices run one SPMD program; ``lax.cond`` on the device index selects
+    each device's role at run time.
+    """
+    mesh = parallel.make_mesh(2, _ROLE)
+    probe = batch_at(inner_data, key, jnp.int32(0))
+    _, empty = jax.eval_shape(lambda: method.samples(problem, hparams, params, probe))
+    empty = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty)
+
+    def roles(params, fisher, hparams, key):
+        me = jax.lax.axis_index(_ROLE)
+
+        def optimize(carry, t):  # device 0
+            params, fisher, _ = carry
+            grad, samples = method.samples(problem, hparams, params, batch_at(inner_data, key, t))
+            return tree_axpy(-method.lr, grad, params), fisher, samples
+
+        def approximate(carry, t):  # device 1: the samples of step t − 1
+            params, fisher, inbox = carry
+            fisher = jax.lax.cond(
+                t > 0, lambda: method.fisher.update(fisher, *inbox), lambda: fisher
+            )
+            return params, fisher, inbox
+
+        def body(carry, t):
+            params, fisher, outbox = jax.lax.cond(me == 0, optimize, approximate, carry, t)
+            return (params, fisher, jax.lax.ppermute(outbox, _ROLE, [(0, 1)])), None
+
+        steps = jnp.arange(method.num_steps, dtype=jnp.int32)
+        params, fisher, inbox = jax.lax.scan(body, (params, fisher, empty), steps)[0]
+        fisher = method.fisher.update(fisher, *inbox)
+        # Each device keeps what it owns; hand it to both (a masked sum over the axis).
+        own = lambda x, owner: jax.lax.psum(jnp.where(me == owner, x, jnp.zeros_like(x)), _ROLE)  # noqa: E731
+        return jax.tree.map(lambda x: own(x, 0), params), jax.tree.map(lambda x: own(x, 1), fisher)
+
+    spec = jax.sharding.PartitionSpec()
+    run = jax.shard_map(
+        roles, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec), check_vma=False
+    )
+    return run(params, fisher, hparams, key)
