@@ -45,17 +45,20 @@ def execute(exp: Experiment, run: RunDir, *, quiet: bool = False, resume: bool =
     if start > 0 and exp.done is not None and bool(exp.done(state)):
         start = exp.num_steps  # it had stopped early: nothing left to run
     progress = Progress(exp.num_steps, start, quiet)
-    for i in range(start, exp.num_steps):
-        t0 = time.perf_counter()
-        state, metrics = exp.step(state)
-        metrics = jax.device_get(metrics)
-        run.log({"step": i, **metrics, "time_s": time.perf_counter() - t0})
-        progress.update(**{k: float(metrics[k]) for k in ("outer_loss",) if k in metrics})
-        finished = i + 1 == exp.num_steps or (exp.done is not None and bool(exp.done(state)))
-        if (i + 1) % exp.checkpoint_every == 0 or finished:
-            run.save(i + 1, state)
-        if finished:
-            break
+    try:
+        for i in range(start, exp.num_steps):
+            t0 = time.perf_counter()
+            state, metrics = exp.step(state)
+            metrics = jax.device_get(metrics)
+            run.log({"step": i, **metrics, "time_s": time.perf_counter() - t0})
+            progress.update(**{k: float(metrics[k]) for k in ("outer_loss",) if k in metrics})
+            finished = i + 1 == exp.num_steps or (exp.done is not None and bool(exp.done(state)))
+            if (i + 1) % exp.checkpoint_every == 0 or finished:
+                run.save(i + 1, state)
+            if finished:
+                break
+    finally:
+        progress.close()
     summary = exp.finish(state, run)
     run.write_summary(summary)
     run.close()

@@ -1,14 +1,22 @@
-"""Matplotlib figures written to a run's ``plots/`` folder (Agg backend: no display)."""
+"""Matplotlib figures written to a run's ``plots/`` folder.
+
+Figures are ``matplotlib.figure.Figure`` objects rendered straight to files (the
+object-oriented API): no pyplot state, no display, and no backend chosen for the whole
+process on import.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def subplots(*args, figsize=(6, 4), **kwargs):
+    """``(fig, axes)`` like ``plt.subplots``, without pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def curves(
@@ -23,7 +31,7 @@ def curves(
     step: bool = False,
 ) -> Path:
     """One figure with a line per ``name -> (x, y)`` in ``series``."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for name, (x, y) in series.items():
         (ax.step if step else ax.plot)(
             np.asarray(x), np.asarray(y), label=name, **({"where": "post"} if step else {})
@@ -41,5 +49,4 @@ def curves(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import rich.console
+import rich.progress
 import yaml
 from jax.experimental import multihost_utils
 
@@ -296,25 +298,40 @@ def _unstorable(template_leaf, stored_leaf):
 
 
 class Progress:
-    """A one-line progress bar on stderr: step, current outer loss, seconds per step."""
+    """Outer-step progress on stderr (``rich``): a bar, steps done, time left, the latest
+    outer loss. When stderr is not a terminal (a log file, CI) there is no bar: one line when
+    the loop ends instead. ``quiet`` (and every process but 0) shows nothing."""
 
-    def __init__(self, total: int, start: int = 0, quiet: bool = False, width: int = 30):
-        self.total, self.done, self.width = total, start, width
+    def __init__(self, total: int, start: int = 0, quiet: bool = False):
+        self.total, self.start, self.done = total, start, start
         self.quiet = quiet or jax.process_index() != 0
-        self.last = time.perf_counter()
+        self.t0 = time.perf_counter()
+        console = rich.console.Console(stderr=True)
+        self.bar = None
+        if not self.quiet and console.is_terminal:
+            self.bar = rich.progress.Progress(
+                rich.progress.TextColumn("outer steps"),
+                rich.progress.BarColumn(),
+                rich.progress.MofNCompleteColumn(),
+                rich.progress.TimeRemainingColumn(),
+                rich.progress.TextColumn("{task.fields[shown]}"),
+                console=console,
+            )
+            self.task = self.bar.add_task("", total=total, completed=start, shown="")
+            self.bar.start()
 
     def update(self, **shown) -> None:
-        now = time.perf_counter()
-        dt, self.last = now - self.last, now
         self.done += 1
-        if self.quiet:
-            return
-        filled = int(self.width * self.done / max(self.total, 1))
-        text = "  ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
-        )
-        bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r[{bar}] {self.done}/{self.total}  {text}  {dt:.2f}s/step ")
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        if self.bar is not None:
+            text = "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()
+            )
+            self.bar.update(self.task, advance=1, shown=text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        elif not self.quiet:
+            steps, seconds = self.done - self.start, time.perf_counter() - self.t0
+            per = f" ({seconds / steps:.2f} s/step)" if steps else ""
+            print(f"{self.done}/{self.total} outer steps, {seconds:.1f} s{per}", file=sys.stderr)

@@ -479,9 +479,8 @@ PANELS = (
 
 
 def write_plots(rundir, summary, arrays, widths):
-    plt = plots.plt  # pyplot with the Agg backend selected by experiments.plots
     w = np.asarray(widths, float)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.4))
+    fig, axes = plots.subplots(1, len(PANELS), figsize=(15, 4.4))
     for ax, (key, ylabel, title) in zip(axes, PANELS):
         for name in ("long_horizon", "greedy"):
             rows, boot = summary[name]["rows"], summary[name]["bootstrap"]
@@ -516,11 +515,10 @@ def write_plots(rundir, summary, arrays, widths):
     )
     fig.tight_layout()
     fig.savefig(rundir.plots / "noise_vs_width.png", dpi=120)
-    plt.close(fig)
 
     # The mean per-step hypergradient and its spread: where the bias term comes from.
     t = np.arange(arrays["forward"].shape[2])
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, axes = plots.subplots(2, 1, figsize=(8, 6), sharex=True)
     for ax, name, key in zip(axes, ("long_horizon", "greedy"), ("forward", "greedy")):
         per = arrays[key][0]
         mean, std = per.mean(axis=0), per.std(axis=0, ddof=1)
@@ -540,7 +538,6 @@ def write_plots(rundir, summary, arrays, widths):
     axes[-1].set_xlabel("inner step t")
     fig.tight_layout()
     fig.savefig(rundir.plots / "per_step_hypergradients.png", dpi=120)
-    plt.close(fig)
 
 
 def _pos(x):

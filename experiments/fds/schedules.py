@@ -550,14 +550,12 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
 
 
 def write_plots(rundir, summary, num_steps):
-    import matplotlib.pyplot as plt
-
-    from experiments import plots  # noqa: F401 -- selects the Agg backend
+    from experiments import plots
 
     T = num_steps  # noqa: N806
     t = np.arange(T)
     learned = summary["learned"]
-    fig, axes = plt.subplots(3, 1, figsize=(7, 7.5), sharex=True)
+    fig, axes = plots.subplots(3, 1, figsize=(7, 7.5), sharex=True)
     axes[0].step(t, expand(learned["lr"], T), where="post", color="C0", lw=2, label="FDS")
     axes[0].plot(t, np.full(T, summary["constant_lr"]), "C1--", label="constant (tuned)")
     axes[0].plot(t, cosine(summary["cosine_peak"], T), "C2--", label="cosine (tuned)")
@@ -580,11 +578,10 @@ def write_plots(rundir, summary, num_steps):
     )
     fig.tight_layout()
     fig.savefig(rundir.plots / "learned_schedule.png", dpi=120)
-    plt.close(fig)
 
     metrics = rundir.metrics()
     steps = [m["step"] + 1 for m in metrics]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    fig, axes = plots.subplots(2, 2, figsize=(9, 6))
     for ax, k in zip(axes.flat[:3], HPARAMS):
         values = np.asarray([m[k] for m in metrics]).reshape(len(metrics), -1)
         for j in range(values.shape[1]):
@@ -599,10 +596,9 @@ def write_plots(rundir, summary, num_steps):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(rundir.plots / "hyperparameters.png", dpi=120)
-    plt.close(fig)
 
     rows = summary["table"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plots.subplots(figsize=(7, 4))
     x = np.arange(len(rows))
     ax.bar(
         x,
@@ -623,7 +619,6 @@ def write_plots(rundir, summary, num_steps):
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(rundir.plots / "comparison.png", dpi=120)
-    plt.close(fig)
 
 
 def print_table(summary, rundir):

@@ -847,9 +847,7 @@ def write_outputs(rundir, summary, state, units, metric_names, task, cfg) -> Non
 
 
 def write_plots(folder, summary, state, metric_names, cfg: CompareConfig) -> None:
-    import matplotlib.pyplot as plt
-
-    from experiments import plots  # noqa: F401 -- selects the Agg backend
+    from experiments import plots
 
     best = {r["method"]: r["unit"] for r in summary["table"] if r["status"] == "ok"}
     metrics, times = np.asarray(state["metrics"]), np.asarray(state["time"])
@@ -861,7 +859,7 @@ def write_plots(folder, summary, state, metric_names, cfg: CompareConfig) -> Non
     style = {m: "--" if m.endswith("_parallel") else "-" for m in METHODS}
 
     def figure(name, x_of, y_of, xlabel, ylabel, hline=None, symlogx=False):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plots.subplots(figsize=(7, 4.5))
         for m, i in best.items():
             ax.plot(x_of(i), y_of(i), style[m], color=colors[m], marker=".", label=LABELS[m])
         if hline is not None:
@@ -878,7 +876,6 @@ def write_plots(folder, summary, state, metric_names, cfg: CompareConfig) -> Non
             ax.legend(fontsize="x-small")
         fig.tight_layout()
         fig.savefig(folder / name, dpi=110)
-        plt.close(fig)
 
     j = metric_names.index(primary)
     figure(
@@ -915,7 +912,7 @@ def write_plots(folder, summary, state, metric_names, cfg: CompareConfig) -> Non
     )
 
     rows = [r for r in summary["table"] if r["status"] == "ok"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plots.subplots(figsize=(7, 4))
     x = np.arange(len(rows))
     values = [r["time_to_target_s"] if r["time_to_target_s"] is not None else 0 for r in rows]
     ax.bar(x, values, color=[colors[r["method"]] for r in rows])
@@ -928,4 +925,3 @@ def write_plots(folder, summary, state, metric_names, cfg: CompareConfig) -> Non
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(folder / "time_to_target.png", dpi=110)
-    plt.close(fig)
