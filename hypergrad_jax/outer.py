@@ -1,4 +1,5 @@
-"""The outer loop: one pure outer step on one pytree state.
+"""THE outer loop: one pure outer step on one pytree state, for every estimator and every
+stateful method.
 
     state = hg.outer.init(optimizer, hparams, params0, key)
     step = jax.jit(lambda s: hg.outer.step(problem, run, estimator, optimizer, s,
@@ -6,10 +7,15 @@
     for _ in range(n):
         state, metrics = step(state)
 
+    # a stateful stochastic method (its own inner SGD: run=None)
+    state = hg.outer.init(optimizer, hparams, params0, key, method=nhgd)
+    state, metrics = hg.outer.step(problem, None, nhgd, optimizer, state, sampler, val)
+
 The outer optimizer is any ``optax.GradientTransformation`` acting on the hyperparameters,
 including :func:`sign_adaptive`, the sign-based step of FDS (ALGORITHMS.md §2). The whole
 state — hyperparameters, optimizer state, inner warm start, the linear-solve warm start,
-PRNG key and step counter — is one pytree, so it checkpoints and ``vmap``s as a unit.
+the method's own state (NHGD's curvature), PRNG key and step counter — is one pytree, so it
+checkpoints and ``vmap``s as a unit. Every step reports the same :class:`OuterMetrics`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import optax
 
 from hypergrad_jax.api import Status, hypergradient
 from hypergrad_jax.problem import float_literals
+from hypergrad_jax.stochastic.common import State
 
 PyTree = Any
 
@@ -30,32 +37,48 @@ PyTree = Any
 class OuterState(NamedTuple):
     hparams: PyTree  # λ, the hyperparameters being learned
     opt_state: PyTree  # the outer optimizer's state
-    params: PyTree  # θ_T of the last inner run: the warm start of the next one
-    adjoint: PyTree  # the last linear-solve solution (Implicit), else zeros like params
+    params: PyTree  # θ of the last inner run: the warm start of the next one
+    adjoint: PyTree  # the last linear-solve solution (Implicit, stochastic methods), else zeros
+    method: PyTree  # a stateful method's own state (NHGD's curvature), () for estimators
     key: jax.Array  # PRNG key, split once per outer step
     step: jax.Array  # int32[]: outer steps done
 
 
 class OuterMetrics(NamedTuple):
     outer_loss: jax.Array  # f(θ_T, λ) before the update
-    grad_norm: jax.Array  # ||∇F(λ)||
-    inner_residual: jax.Array  # ||∇_θ g(θ_T, λ)||
+    grad_norm: jax.Array  # ||∇F(λ)|| of the estimate used
+    inner_residual: jax.Array  # ||∇_θ g(θ_T, λ)|| (stochastic methods: on a minibatch)
     status: jax.Array  # int32 hg.Status of the hypergradient
+    grad: PyTree  # the hypergradient estimate, like hparams
+    oracles: PyTree  # minibatch oracle counts (hg.stochastic.Oracles), None for estimators
+
+
+def _stateful(method) -> bool:
+    """A method with state of its own across outer steps (``hg.stochastic``), as opposed to
+    an estimator value (``hg.Unrolled()``, ``hg.Implicit()``, ...)."""
+    return hasattr(method, "init") and hasattr(method, "step")
 
 
 def init(
-    optimizer: optax.GradientTransformation, hparams: PyTree, params0: PyTree, key: jax.Array
+    optimizer: optax.GradientTransformation,
+    hparams: PyTree,
+    params0: PyTree,
+    key: jax.Array,
+    method=None,
 ) -> OuterState:
     """The state before the first outer step.
+
+    ``method``: a stateful method (``hg.stochastic.NHGD(...)``, ...), whose ``init``
+    validates its settings and builds its own state; ``None`` (or an estimator) otherwise.
 
     Leaves are made strongly typed (``jnp.asarray(0.1)`` is weakly typed, the updated
     values are not), so a jitted step compiles once, not twice.
     """
     hparams, params0 = jax.tree.map(_strong, (float_literals(hparams), params0))
     zeros = jax.tree.map(jnp.zeros_like, params0)
-    return OuterState(
-        hparams, optimizer.init(hparams), params0, zeros, key, jnp.zeros((), jnp.int32)
-    )
+    method_state = method.init(params0, hparams).method if _stateful(method) else ()
+    step = jnp.zeros((), jnp.int32)
+    return OuterState(hparams, optimizer.init(hparams), params0, zeros, method_state, key, step)
 
 
 def _strong(x):
@@ -66,7 +89,7 @@ def _strong(x):
 def step(
     problem,
     run,
-    estimator,
+    method,
     optimizer: optax.GradientTransformation,
     state: OuterState,
     inner_data: PyTree | Callable,
@@ -78,19 +101,47 @@ def step(
     """One outer step: a hypergradient, then the outer optimizer's update.
 
     Args:
-      problem, run, estimator: as in :func:`hypergrad_jax.hypergradient`.
+      problem, run: as in :func:`hypergrad_jax.hypergradient`; ``run=None`` for the
+        stochastic methods, which run their own inner SGD (``num_steps`` at ``lr``).
+      method: an estimator (``hg.Forward()``, ``hg.Implicit(...)``, ...) or a stateful
+        method (``hg.stochastic.NHGD(...)``, ``SolveAfter``, ``SOBA``; give it to
+        :func:`init` too).
       optimizer: an optax transformation on the hyperparameters.
       state: the :class:`OuterState`.
       inner_data: a batch or a sampler ``(key, step) -> batch`` (given this step's key).
       outer_data: a batch, or ``key -> batch`` (e.g. a fresh validation split per step).
       reinit: ``key -> params`` re-initialises the network every outer step (FDS);
         ``None`` warm-starts from the previous step's end point (NHGD, implicit methods).
-      skip_nonfinite: keep the hyperparameters when the hypergradient is not finite (the
-        status is still reported), so one diverging member does not poison a population.
+        Estimators only: the stochastic methods always warm-start.
+      skip_nonfinite: keep the hyperparameters and the optimizer state when the
+        hypergradient or the outer loss is not finite (``Status.NONFINITE``, reported), so
+        one diverging member does not poison a population. An unconverged solve
+        (``SOLVE_NOT_CONVERGED``) still gives a usable estimate and is applied.
 
     Returns:
       ``(new_state, metrics)``.
     """
+    if _stateful(method):
+        new, grad, metrics = _stateful_step(
+            problem, run, method, state, inner_data, outer_data, reinit
+        )
+    else:
+        new, grad, metrics = _estimator_step(
+            problem, run, method, state, inner_data, outer_data, reinit
+        )
+    updates, opt_state = optimizer.update(grad, state.opt_state, state.hparams)
+    hparams = optax.apply_updates(state.hparams, updates)
+    if skip_nonfinite:
+        ok = metrics.status != Status.NONFINITE
+        hparams, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(ok, new, old),
+            (hparams, opt_state),
+            (state.hparams, state.opt_state),
+        )
+    return new._replace(hparams=hparams, opt_state=opt_state), metrics
+
+
+def _estimator_step(problem, run, estimator, state, inner_data, outer_data, reinit):
     key, k_init, k_inner, k_outer = jax.random.split(state.key, 4)
     params0 = state.params if reinit is None else reinit(k_init)
     batch = outer_data(k_outer) if callable(outer_data) else outer_data
@@ -105,21 +156,33 @@ def step(
         key=k_inner,
         warm_start=state.adjoint,
     )
-    updates, opt_state = optimizer.update(grad, state.opt_state, state.hparams)
-    hparams = optax.apply_updates(state.hparams, updates)
-    # An unconverged solve still gives a usable (reported) hypergradient; only a
-    # non-finite one would poison the hyperparameters.
-    ok = info.status != Status.NONFINITE
-    if skip_nonfinite:
-        hparams, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(ok, new, old),
-            (hparams, opt_state),
-            (state.hparams, state.opt_state),
-        )
     adjoint = state.adjoint if info.adjoint is None else info.adjoint
-    new = OuterState(hparams, opt_state, info.params, adjoint, key, state.step + 1)
-    grad_norm = optax.tree.norm(grad)
-    return new, OuterMetrics(info.outer_value, grad_norm, info.inner_residual, info.status)
+    new = state._replace(params=info.params, adjoint=adjoint, key=key, step=state.step + 1)
+    norm = optax.tree.norm(grad)
+    metrics = OuterMetrics(info.outer_value, norm, info.inner_residual, info.status, grad, None)
+    return new, grad, metrics
+
+
+def _stateful_step(problem, run, method, state, inner_data, outer_data, reinit):
+    name = type(method).__name__
+    if run is not None:
+        raise ValueError(f"run: {name} runs its own inner SGD (num_steps, lr); pass run=None")
+    if reinit is not None:
+        raise ValueError(f"reinit: {name} warm-starts θ across outer steps; pass reinit=None")
+    key, sub = jax.random.split(state.key)
+    view = State(state.params, state.adjoint, state.method, state.step)
+    inner, grad, stats = method.step(problem, view, state.hparams, inner_data, outer_data, sub)
+    leaves = jax.tree.leaves((grad, stats.outer_value))
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    status = jnp.where(finite, Status.OK, Status.NONFINITE).astype(jnp.int32)
+    new = OuterState(
+        state.hparams, state.opt_state, inner.params, inner.adjoint, inner.method, key, inner.step
+    )
+    norm = optax.tree.norm(grad)
+    metrics = OuterMetrics(
+        stats.outer_value, norm, stats.inner_residual, status, grad, stats.oracles
+    )
+    return new, grad, metrics
 
 
 class SignAdaptiveState(NamedTuple):

@@ -155,18 +155,20 @@ def test_one_nhgd_and_one_soba_step_run(task):
 
         @jax.jit  # one program: eager initialisation would compile op by op
         def two_steps(key, method=method):
-            state = st.outer_init(method, optimizer, task.hparams, task.params, key)
-            step = lambda s: st.outer_step(  # noqa: E731
-                task.problem, method, optimizer, s, task.inner_data, task.outer_data
+            state = hg.outer.init(optimizer, task.hparams, task.params, key, method)
+            step = lambda s: hg.outer.step(  # noqa: E731
+                task.problem, None, method, optimizer, s, task.inner_data, task.outer_data
             )
-            new, (grads, stats) = jax.lax.scan(lambda s, _: step(s), state, None, length=2)
-            return state, new, jax.tree.map(lambda x: x[-1], (grads, stats))
+            new, metrics = jax.lax.scan(lambda s, _: step(s), state, None, length=2)
+            return state, new, jax.tree.map(lambda x: x[-1], metrics)
 
         # SOBA's linear-system variable starts at 0, and ∂_λ f = 0 here: its first
         # hypergradient is exactly 0; the second is not.
-        state, new, (grad, stats) = two_steps(jax.random.key(0))
+        state, new, metrics = two_steps(jax.random.key(0))
+        grad = metrics.grad
         assert jax.tree.structure(grad) == jax.tree.structure(task.hparams), name
-        assert _finite((grad, new.hparams, new.method.params, stats.outer_value)), name
+        assert _finite((grad, new.hparams, new.params, metrics.outer_loss)), name
+        assert int(metrics.status) == hg.Status.OK and float(metrics.inner_residual) > 0, name
         assert float(jnp.max(jnp.abs(ravel_pytree(grad)[0]))) > 0, name
         assert not np.array_equal(new.hparams, state.hparams), name
 

@@ -1,9 +1,12 @@
-"""The outer step and the sign-based adaptive outer optimizer."""
+"""The outer step (for estimators and the stateful methods alike) and the sign-based
+adaptive outer optimizer."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import hypergrad_jax as hg
 
@@ -124,3 +127,68 @@ def test_outer_state_is_one_pytree(getkey):
     leaves = jax.tree.leaves(state)
     rebuilt = jax.tree.unflatten(jax.tree.structure(state), leaves)
     assert isinstance(rebuilt, hg.outer.OuterState)
+
+
+# ------------------------------------------------------------ one loop for the stateful methods
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        hg.stochastic.NHGD(5, 0.1),
+        hg.stochastic.StocBiO(5, 0.1),
+        hg.stochastic.SOBA(0.1),
+        hg.stochastic.SolveAfter(5, 0.1, hg.CG(maxiter=5)),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_stateful_methods_run_through_the_one_outer_loop(getkey, method):
+    # hg.outer.step equals the method's own step followed by the optax update, by hand
+    # (same key stream: one split per outer step). Jitted against eager: XLA fuses the
+    # arithmetic differently, so equal to rounding (1e-12 relative in float64), not bitwise.
+    tp = hg.testing.quadratic_problem(getkey(), dim=6, num_hparams=2)
+    opt, key = optax.adam(0.05), getkey()
+    state = hg.outer.init(opt, tp.hparams, tp.params0, key, method)
+    step = jax.jit(
+        lambda s: hg.outer.step(tp.problem, None, method, opt, s, tp.inner_data, tp.outer_data)
+    )
+    view, hparams, opt_state = method.init(tp.params0, tp.hparams), tp.hparams, opt.init(tp.hparams)
+    for _ in range(3):
+        state, metrics = step(state)
+        key, sub = jax.random.split(key)
+        view, grad, stats = method.step(
+            tp.problem, view, hparams, tp.inner_data, tp.outer_data, sub
+        )
+        updates, opt_state = opt.update(grad, opt_state, hparams)
+        hparams = optax.apply_updates(hparams, updates)
+        chex.assert_trees_all_close(metrics.grad, grad, rtol=1e-12, atol=1e-14)
+        chex.assert_trees_all_equal(metrics.oracles, stats.oracles)
+    chex.assert_trees_all_close(state.hparams, hparams, rtol=1e-12, atol=1e-14)
+    chex.assert_trees_all_close(
+        (state.params, state.adjoint, state.method), view[:3], rtol=1e-12, atol=1e-14
+    )
+    assert int(state.step) == 3 and int(metrics.status) == hg.Status.OK
+    assert float(metrics.inner_residual) > 0 and float(metrics.grad_norm) > 0
+
+
+def test_nonfinite_stateful_step_is_a_status_and_keeps_hyperparameters(getkey):
+    tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
+    bad = tp.problem._replace(outer_loss=lambda p, h, b: jnp.sum(jnp.sqrt(h - 100.0)))
+    method, opt = hg.stochastic.NHGD(3, 0.1), optax.sgd(0.1)
+    state = hg.outer.init(opt, tp.hparams, tp.params0, getkey(), method)
+    new, metrics = hg.outer.step(bad, None, method, opt, state, tp.inner_data, tp.outer_data)
+    assert int(metrics.status) == hg.Status.NONFINITE
+    np.testing.assert_array_equal(new.hparams, state.hparams)
+
+
+def test_stateful_methods_name_what_they_do_not_take(getkey):
+    tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
+    method, opt = hg.stochastic.SOBA(0.1), optax.sgd(0.1)
+    state = hg.outer.init(opt, tp.hparams, tp.params0, getkey(), method)
+    args = (method, opt, state, tp.inner_data, tp.outer_data)
+    with pytest.raises(ValueError, match="run: SOBA runs its own inner SGD"):
+        hg.outer.step(tp.problem, tp.run, *args)
+    with pytest.raises(ValueError, match="reinit: SOBA warm-starts"):
+        hg.outer.step(tp.problem, None, *args, reinit=lambda k: tp.params0)
+    _, metrics = hg.outer.step(tp.problem, tp.run, hg.Unrolled(), *args[1:])
+    assert metrics.oracles is None  # estimators have no minibatch oracle counts

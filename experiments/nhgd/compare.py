@@ -36,7 +36,7 @@ the results. The **best grid point** of a method is the one with the lowest *fin
 ``val_loss`` (NaN counts as +inf).
 
 Measurement. Each run (one method, one grid point: a *unit*) does ``outer_steps`` outer steps
-(``stochastic.outer_step``) in jitted chunks of ``eval_every`` steps (a ``lax.scan``).
+(``hg.outer.step``) in jitted chunks of ``eval_every`` steps (a ``lax.scan``).
 Compilation is excluded: a chunk is compiled ahead of time once per variant (the grid values
 are traced arguments, so a variant's whole grid runs one program) and executed once as a
 warm-up (discarded) before any clock starts. Each chunk is timed with ``block_until_ready``.
@@ -318,11 +318,19 @@ def make_chunk(name: str, task: Task, cfg: CompareConfig):
         def body(carry, _):
             state, oracles, _, _ = carry
             before = state.hparams
-            state, (grad, stats) = stochastic.outer_step(
-                task.problem, method, optimizer, state, inner_data, outer_data
+            # skip_nonfinite=False: a diverging grid point shows as NaN, not as frozen λ.
+            state, m = hg.outer.step(
+                task.problem,
+                None,
+                method,
+                optimizer,
+                state,
+                inner_data,
+                outer_data,
+                skip_nonfinite=False,
             )
-            counts = jnp.stack([jnp.asarray(c, jnp.int32) for c in stats.oracles])
-            return (state, oracles + counts, grad, before), None
+            counts = jnp.stack([jnp.asarray(c, jnp.int32) for c in m.oracles])
+            return (state, oracles + counts, m.grad, before), None
 
         zeros = jax.tree.map(jnp.zeros_like, ostate.hparams)
         init = (ostate, jnp.zeros(len(ORACLES), jnp.int32), zeros, zeros)
@@ -384,7 +392,7 @@ class Runner:
         method = make_method(unit.method, self.task, self.cfg, unit.lr, unit.knob)
         optimizer = outer_optimizer(unit.method, self.cfg)
         key = jax.random.key(self.cfg.seed)
-        return stochastic.outer_init(method, optimizer, self.task.hparams, self.task.params, key)
+        return hg.outer.init(optimizer, self.task.hparams, self.task.params, key, method)
 
     def chunk(self, unit: Unit, ostate):
         """The compiled chunk of ``unit``'s variant and the seconds spent now on compiling it
@@ -443,7 +451,7 @@ def run_unit(runner: Runner, unit: Unit) -> dict:
     residuals = np.full(points, np.nan)
     t_eval = time.perf_counter()
     metrics[0], cosines[0], theta_ref, residuals[0] = runner.measure(
-        ostate.method.params, ostate.hparams, None, None, None
+        ostate.params, ostate.hparams, None, None, None
     )
     eval_s = time.perf_counter() - t_eval
     elapsed, total = 0.0, np.zeros(len(ORACLES), np.int64)
@@ -460,7 +468,7 @@ def run_unit(runner: Runner, unit: Unit) -> dict:
         times[e], oracles[e] = elapsed, total
         t_eval = time.perf_counter()
         metrics[e], cosines[e], theta_ref, residuals[e] = runner.measure(
-            ostate.method.params, ostate.hparams, grad, grad_at, theta_ref
+            ostate.params, ostate.hparams, grad, grad_at, theta_ref
         )
         eval_s += time.perf_counter() - t_eval
     return {

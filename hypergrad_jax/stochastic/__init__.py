@@ -6,16 +6,18 @@ Every method is a value (a NamedTuple of its settings) with two pure, jittable f
     state, grad, stats = method.step(problem, state, hparams, inner_data, outer_data, key)
 
 ``inner_data`` is a minibatch sampler ``(key, step) -> batch`` (or one batch used at every
-step); ``outer_data`` a batch or ``key -> batch``. ``grad`` estimates ``∇F(λ)``; the caller
-applies any optax transformation to the hyperparameters (:func:`outer_init` and
-:func:`outer_step` do exactly that). ``state`` carries what a method keeps between outer
+step); ``outer_data`` a batch or ``key -> batch``. ``grad`` estimates ``∇F(λ)``. The outer
+loop is the one every estimator uses, :func:`hypergrad_jax.outer.init` /
+:func:`hypergrad_jax.outer.step` (with ``run=None``: these methods run their own inner SGD),
+which applies any optax transformation to the hyperparameters. ``state`` (a
+:class:`State`, a view of the outer state) carries what a method keeps between outer
 steps: the inner iterate ``θ`` (always warm-started), the linear-system variable ``v``
 (AmIGO, SOBA, :class:`SolveAfter`) and NHGD's Fisher-inverse state. ``stats.oracles`` counts
 the minibatch oracle calls of the step: gradients, Hessian-vector products and mixed
 products ``∂²_{λθ} g · v`` of the inner loss, and gradients of the outer loss.
 
 Methods (ALGORITHMS.md §1, §3), all with inner SGD at a fixed step ``lr``; one module
-per concept: :mod:`.common` (state, oracle counts, shared pieces, the outer loop),
+per concept: :mod:`.common` (state, oracle counts, shared pieces),
 :mod:`.nhgd`, :mod:`.baselines`:
 
 * :class:`NHGD` (:mod:`.nhgd`): ``num_steps`` SGD steps whose gradients also update an
@@ -43,11 +45,8 @@ from hypergrad_jax.stochastic.baselines import (
 )
 from hypergrad_jax.stochastic.common import (
     Oracles,
-    OuterState,
     State,
     Stats,
-    outer_init,
-    outer_step,
 )
 from hypergrad_jax.stochastic.nhgd import NHGD, SAMPLE_WEIGHT_FLOOR
 
@@ -58,7 +57,6 @@ __all__ = [
     "METHODS",
     "NHGD",
     "Oracles",
-    "OuterState",
     "SAMPLE_WEIGHT_FLOOR",
     "SOBA",
     "STOCHASTIC_SOLVERS",
@@ -68,6 +66,4 @@ __all__ = [
     "StocBiO",
     "StochasticNeumann",
     "StochasticSGD",
-    "outer_init",
-    "outer_step",
 ]

@@ -139,8 +139,8 @@ class SolveAfter(NamedTuple):
         else:
             v, info = self.solver(hvp_operator(problem, params, hparams, batch), f_theta, x0)
             hvps = info.iterations + 2
-        grad = mixed_hypergradient(problem, params, hparams, batch, v, f_hparams)
-        stats = Stats(value, oracles(grads=self.num_steps, hvps=hvps))
+        grad, residual = mixed_hypergradient(problem, params, hparams, batch, v, f_hparams)
+        stats = Stats(value, residual, oracles(grads=self.num_steps, hvps=hvps))
         return State(params, v, (), state.step + 1), grad, stats
 
 
@@ -184,5 +184,5 @@ class SOBA(NamedTuple):
         grad = tree_axpy(-1.0, mixed, f_hparams)
         params = tree_axpy(-self.lr, g, params)
         v = tree_axpy(-self.linear_lr, tree_axpy(-1.0, f_theta, hv), v)
-        stats = Stats(value, oracles(grads=1, hvps=1))
+        stats = Stats(value, linalg.tree_norm(g), oracles(grads=1, hvps=1))
         return State(params, v, (), state.step + 1), grad, stats

@@ -1,5 +1,6 @@
-"""What the stochastic methods share: oracle counts, the method state, and the pieces every
-method's step is built from (key streams, outer gradients, HVPs, the mixed product, SGD)."""
+"""What the stochastic methods share: oracle counts, the method's view of the state, and the
+pieces every method's step is built from (key streams, outer gradients, HVPs, the mixed
+product, SGD). Their outer loop is :func:`hypergrad_jax.outer.step`, as for every estimator."""
 
 from __future__ import annotations
 
@@ -35,19 +36,22 @@ def oracles(grads=0, hvps=0, mixed=1, outer=1) -> Oracles:
 
 class Stats(NamedTuple):
     outer_value: jax.Array  # f(θ, λ) on the outer batch, at the θ the hypergradient used
+    inner_residual: jax.Array  # ||∇_θ g(θ, λ)|| on the mixed product's minibatch (no extra oracle)
     oracles: Oracles
 
 
 class State(NamedTuple):
+    """A method's view of :class:`hypergrad_jax.outer.OuterState` (the same fields)."""
+
     params: PyTree  # θ: the inner iterate, warm-started across outer steps
     adjoint: PyTree  # v ≈ H⁻¹ ∇_θ f (AmIGO, SOBA, SolveAfter), zeros for the others
-    fisher: PyTree  # NHGD's Fisher-inverse state, () for the others
+    method: PyTree  # the method's own state: NHGD's curvature state, () for the others
     step: jax.Array  # int32[]: outer steps done
 
 
-def init_state(params, fisher=()) -> State:
+def init_state(params, method=()) -> State:
     zeros = jax.tree.map(jnp.zeros_like, params)
-    return State(params, zeros, fisher, jnp.zeros((), jnp.int32))
+    return State(params, zeros, method, jnp.zeros((), jnp.int32))
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -93,9 +97,10 @@ def hvp_operator(problem, params, hparams, batch):
 
 
 def mixed_hypergradient(problem, params, hparams, batch, v, f_hparams):
-    """``∇_λ f − ∂²_{λθ} g · v``: one mixed product (a VJP of ``λ -> ∇_θ g``)."""
-    _, vjp = jax.vjp(lambda h: jax.grad(problem.inner_loss)(params, h, batch), hparams)
-    return tree_axpy(-1.0, vjp(v)[0], f_hparams)
+    """``(∇_λ f − ∂²_{λθ} g · v, ||∇_θ g||)``: one mixed product (a VJP of ``λ -> ∇_θ g``),
+    whose primal output gives the inner residual on ``batch`` for free."""
+    g, vjp = jax.vjp(lambda h: jax.grad(problem.inner_loss)(params, h, batch), hparams)
+    return tree_axpy(-1.0, vjp(v)[0], f_hparams), linalg.tree_norm(g)
 
 
 def sgd(problem, hparams, params, inner_data, key, num_steps, lr):
@@ -106,31 +111,3 @@ def sgd(problem, hparams, params, inner_data, key, num_steps, lr):
         return tree_axpy(-lr, g, p), None
 
     return jax.lax.scan(body, params, jnp.arange(num_steps, dtype=jnp.int32))[0]
-
-
-# --------------------------------------------------------------------------- outer loop
-
-
-class OuterState(NamedTuple):
-    hparams: PyTree
-    opt_state: PyTree  # the optax state of the outer optimizer
-    method: State
-    key: jax.Array
-
-
-def outer_init(method, optimizer, hparams, params, key) -> OuterState:
-    """The state before the first outer step (validates the method's settings)."""
-    hparams, params = jax.tree.map(lambda x: jnp.array(x, jnp.result_type(x)), (hparams, params))
-    return OuterState(hparams, optimizer.init(hparams), method.init(params, hparams), key)
-
-
-def outer_step(problem, method, optimizer, state: OuterState, inner_data, outer_data):
-    """One outer step: ``method.step`` then the optax update of the hyperparameters.
-    Returns ``(state, (grad, stats))``."""
-    key, sub = jax.random.split(state.key)
-    inner, grad, stats = method.step(
-        problem, state.method, state.hparams, inner_data, outer_data, sub
-    )
-    updates, opt_state = optimizer.update(grad, state.opt_state, state.hparams)
-    hparams = jax.tree.map(lambda h, u: (h + u).astype(h.dtype), state.hparams, updates)
-    return OuterState(hparams, opt_state, inner, key), (grad, stats)

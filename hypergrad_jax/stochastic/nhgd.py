@@ -125,7 +125,7 @@ class NHGD(NamedTuple):
 
     def step(self, problem, state, hparams, inner_data, outer_data, key):
         k_inner, _, k_outer = split_keys(key)
-        fisher = self.fisher.init(state.params) if self.reset else state.fisher
+        fisher = self.fisher.init(state.params) if self.reset else state.method
         loop = _parallel_inner_loop if self.parallel else _fused_inner_loop
         params, fisher = loop(self, problem, hparams, state.params, fisher, inner_data, k_inner)
         value, f_theta, f_hparams = outer_gradients(
@@ -133,9 +133,9 @@ class NHGD(NamedTuple):
         )
         w = self.fisher.apply(fisher, f_theta)
         batch = batch_at(inner_data, k_inner, jnp.int32(self.num_steps))
-        grad = mixed_hypergradient(problem, params, hparams, batch, w, f_hparams)
+        grad, residual = mixed_hypergradient(problem, params, hparams, batch, w, f_hparams)
         new = State(params, state.adjoint, fisher, state.step + 1)
-        return new, grad, Stats(value, oracles(grads=self.num_steps))
+        return new, grad, Stats(value, residual, oracles(grads=self.num_steps))
 
 
 def _fused_inner_loop(method, problem, hparams, params, fisher, inner_data, key):

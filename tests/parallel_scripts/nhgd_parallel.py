@@ -37,7 +37,7 @@ def main():
             for k in jax.random.split(key, 2):  # the second step uses the carried Fisher
                 state, grad, _ = step(state, k)
                 out.append(grad)
-            results.append((out, state.params, state.fisher))
+            results.append((out, state.params, state.method))
         errors[name] = rel_err(results[1], results[0])
     emit({"errors": errors})
 
