@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the experiments package, when run as a script
 
+import hypergrad_jax as hg  # noqa: E402
 from benchmarks.estimators import machine  # noqa: E402
 from hypergrad_jax import stochastic as st  # noqa: E402
 from hypergrad_jax.fisher import DenseFisher, KFACFisher  # noqa: E402
@@ -78,7 +79,8 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
     steps = jnp.arange(num_steps, dtype=jnp.int32)
     rows = []
     for name, fisher in fishers.items():
-        method = st.NHGD(num_steps, lr, fisher, sample_weights=task.sample_weights)
+        method = st.NHGD(fisher, sample_weights=task.sample_weights)
+        run = hg.InnerRun(hg.optim.sgd(), num_steps, lambda h: {"lr": lr})
         parallel = method._replace(parallel=True)
         state0 = fisher.init(params)
         _, samples = method.samples(problem, hparams, params, batch_at(sampler, key, 0))
@@ -87,7 +89,7 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
         def sgd_only(params, m=method):
             def body(p, t):
                 grad, _ = m.samples(problem, hparams, p, batch_at(sampler, key, t))
-                return tree_axpy(-m.lr, grad, p), None
+                return tree_axpy(-lr, grad, p), None
 
             return jax.lax.scan(body, params, steps)[0]
 
@@ -101,12 +103,9 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
 
         loops = {
             variant: jax.jit(
-                lambda p, s, m=m, loop=loop: loop(m, problem, hparams, p, s, sampler, key)
+                lambda p, s, m=m: m.inner_loop(problem, run, hparams, p, s, sampler, key)
             )
-            for variant, m, loop in (
-                ("fused", method, st._fused_inner_loop),
-                ("parallel", parallel, st._parallel_inner_loop),
-            )
+            for variant, m in (("fused", method), ("parallel", parallel))
         }
         row = {
             "fisher": name,

@@ -7,9 +7,9 @@ stateful method.
     for _ in range(n):
         state, metrics = step(state)
 
-    # a stateful stochastic method (its own inner SGD: run=None)
+    # a stateful stochastic method: the same call, its own state inside the outer state
     state = hg.outer.init(optimizer, hparams, params0, key, method=nhgd)
-    state, metrics = hg.outer.step(problem, None, nhgd, optimizer, state, sampler, val)
+    state, metrics = hg.outer.step(problem, run, nhgd, optimizer, state, sampler, val)
 
 The outer optimizer is any ``optax.GradientTransformation`` acting on the hyperparameters,
 including :func:`sign_adaptive`, the sign-based step of FDS (ALGORITHMS.md §2). The whole
@@ -101,8 +101,8 @@ def step(
     """One outer step: a hypergradient, then the outer optimizer's update.
 
     Args:
-      problem, run: as in :func:`hypergrad_jax.hypergradient`; ``run=None`` for the
-        stochastic methods, which run their own inner SGD (``num_steps`` at ``lr``).
+      problem, run: as in :func:`hypergrad_jax.hypergradient` (the stochastic methods run
+        ``run``'s inner loop too).
       method: an estimator (``hg.Forward()``, ``hg.Implicit(...)``, ...) or a stateful
         method (``hg.stochastic.NHGD(...)``, ``SolveAfter``, ``SOBA``; give it to
         :func:`init` too).
@@ -164,14 +164,13 @@ def _estimator_step(problem, run, estimator, state, inner_data, outer_data, rein
 
 
 def _stateful_step(problem, run, method, state, inner_data, outer_data, reinit):
-    name = type(method).__name__
-    if run is not None:
-        raise ValueError(f"run: {name} runs its own inner SGD (num_steps, lr); pass run=None")
     if reinit is not None:
+        name = type(method).__name__
         raise ValueError(f"reinit: {name} warm-starts θ across outer steps; pass reinit=None")
     key, sub = jax.random.split(state.key)
     view = State(state.params, state.adjoint, state.method, state.step)
-    inner, grad, stats = method.step(problem, view, state.hparams, inner_data, outer_data, sub)
+    data = (inner_data, outer_data)
+    inner, grad, stats = method.step(problem, run, view, state.hparams, *data, sub)
     leaves = jax.tree.leaves((grad, stats.outer_value))
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
     status = jnp.where(finite, Status.OK, Status.NONFINITE).astype(jnp.int32)

@@ -94,12 +94,18 @@ def _optimizer_hparams_at(run: InnerRun, hparams: PyTree, step) -> dict:
     return optim.at_step(ohp, step, run.num_steps)
 
 
-def inner_step(problem, run, hparams, data, key, state: InnerState, step) -> InnerState:
-    """One optimizer step on the batch of ``step``."""
-    grads = jax.grad(problem.inner_loss)(state.params, hparams, batch_at(data, key, step))
+def optimizer_update(run: InnerRun, hparams, grads, state: InnerState, step) -> InnerState:
+    """One update of ``run``'s optimizer from ``grads`` at inner step ``step`` (its
+    hyperparameters, schedules resolved, at that step)."""
     ohp = _optimizer_hparams_at(run, hparams, step)
     params, opt_state = run.optimizer.update(grads, state.opt_state, state.params, ohp, step)
     return InnerState(params, opt_state)
+
+
+def inner_step(problem, run, hparams, data, key, state: InnerState, step) -> InnerState:
+    """One optimizer step on the batch of ``step``."""
+    grads = jax.grad(problem.inner_loss)(state.params, hparams, batch_at(data, key, step))
+    return optimizer_update(run, hparams, grads, state, step)
 
 
 def run_steps(

@@ -147,17 +147,18 @@ def _check_dense_hypergradient(task):
 
 def test_one_nhgd_and_one_soba_step_run(task):
     methods = {
-        "nhgd": st.NHGD(3, 0.1, hg.fisher.DenseFisher(samples="woodbury")),
-        "soba": st.SOBA(0.1, 0.1),
+        "nhgd": (st.NHGD(hg.fisher.DenseFisher(samples="woodbury")), 3),
+        "soba": (st.SOBA(0.1), 1),
     }
     optimizer = optax.sgd(0.1)
-    for name, method in methods.items():
+    for name, (method, num_steps) in methods.items():
+        run = hg.InnerRun(hg.optim.sgd(), num_steps, lambda h: {"lr": 0.1})
 
         @jax.jit  # one program: eager initialisation would compile op by op
-        def two_steps(key, method=method):
+        def two_steps(key, method=method, run=run):
             state = hg.outer.init(optimizer, task.hparams, task.params, key, method)
             step = lambda s: hg.outer.step(  # noqa: E731
-                task.problem, None, method, optimizer, s, task.inner_data, task.outer_data
+                task.problem, run, method, optimizer, s, task.inner_data, task.outer_data
             )
             new, metrics = jax.lax.scan(lambda s, _: step(s), state, None, length=2)
             return state, new, jax.tree.map(lambda x: x[-1], metrics)

@@ -132,17 +132,21 @@ def test_outer_state_is_one_pytree(getkey):
 # ------------------------------------------------------------ one loop for the stateful methods
 
 
+def _sgd(num_steps, lr=0.1):
+    return hg.InnerRun(hg.optim.sgd(), num_steps, lambda h: {"lr": lr})
+
+
 @pytest.mark.parametrize(
-    "method",
+    "method,run",
     [
-        hg.stochastic.NHGD(5, 0.1),
-        hg.stochastic.StocBiO(5, 0.1),
-        hg.stochastic.SOBA(0.1),
-        hg.stochastic.SolveAfter(5, 0.1, hg.CG(maxiter=5)),
+        (hg.stochastic.NHGD(), _sgd(5)),
+        (hg.stochastic.StocBiO(), _sgd(5)),
+        (hg.stochastic.SOBA(), _sgd(1)),
+        (hg.stochastic.SolveAfter(hg.CG(maxiter=5)), _sgd(5)),
     ],
-    ids=lambda m: type(m).__name__,
+    ids=["NHGD", "StocBiO", "SOBA", "SolveAfter"],
 )
-def test_stateful_methods_run_through_the_one_outer_loop(getkey, method):
+def test_stateful_methods_run_through_the_one_outer_loop(getkey, method, run):
     # hg.outer.step equals the method's own step followed by the optax update, by hand
     # (same key stream: one split per outer step). Jitted against eager: XLA fuses the
     # arithmetic differently, so equal to rounding (1e-12 relative in float64), not bitwise.
@@ -150,14 +154,14 @@ def test_stateful_methods_run_through_the_one_outer_loop(getkey, method):
     opt, key = optax.adam(0.05), getkey()
     state = hg.outer.init(opt, tp.hparams, tp.params0, key, method)
     step = jax.jit(
-        lambda s: hg.outer.step(tp.problem, None, method, opt, s, tp.inner_data, tp.outer_data)
+        lambda s: hg.outer.step(tp.problem, run, method, opt, s, tp.inner_data, tp.outer_data)
     )
     view, hparams, opt_state = method.init(tp.params0, tp.hparams), tp.hparams, opt.init(tp.hparams)
     for _ in range(3):
         state, metrics = step(state)
         key, sub = jax.random.split(key)
         view, grad, stats = method.step(
-            tp.problem, view, hparams, tp.inner_data, tp.outer_data, sub
+            tp.problem, run, view, hparams, tp.inner_data, tp.outer_data, sub
         )
         updates, opt_state = opt.update(grad, opt_state, hparams)
         hparams = optax.apply_updates(hparams, updates)
@@ -174,21 +178,21 @@ def test_stateful_methods_run_through_the_one_outer_loop(getkey, method):
 def test_nonfinite_stateful_step_is_a_status_and_keeps_hyperparameters(getkey):
     tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
     bad = tp.problem._replace(outer_loss=lambda p, h, b: jnp.sum(jnp.sqrt(h - 100.0)))
-    method, opt = hg.stochastic.NHGD(3, 0.1), optax.sgd(0.1)
+    method, opt = hg.stochastic.NHGD(), optax.sgd(0.1)
     state = hg.outer.init(opt, tp.hparams, tp.params0, getkey(), method)
-    new, metrics = hg.outer.step(bad, None, method, opt, state, tp.inner_data, tp.outer_data)
+    new, metrics = hg.outer.step(bad, _sgd(3), method, opt, state, tp.inner_data, tp.outer_data)
     assert int(metrics.status) == hg.Status.NONFINITE
     np.testing.assert_array_equal(new.hparams, state.hparams)
 
 
 def test_stateful_methods_name_what_they_do_not_take(getkey):
     tp = hg.testing.quadratic_problem(getkey(), dim=4, num_hparams=2)
-    method, opt = hg.stochastic.SOBA(0.1), optax.sgd(0.1)
+    method, opt = hg.stochastic.SOBA(), optax.sgd(0.1)
     state = hg.outer.init(opt, tp.hparams, tp.params0, getkey(), method)
     args = (method, opt, state, tp.inner_data, tp.outer_data)
-    with pytest.raises(ValueError, match="run: SOBA runs its own inner SGD"):
-        hg.outer.step(tp.problem, tp.run, *args)
+    with pytest.raises(TypeError, match="run: SOBA takes its inner loop from an hg.InnerRun"):
+        hg.outer.step(tp.problem, None, *args)
     with pytest.raises(ValueError, match="reinit: SOBA warm-starts"):
-        hg.outer.step(tp.problem, None, *args, reinit=lambda k: tp.params0)
+        hg.outer.step(tp.problem, _sgd(1), *args, reinit=lambda k: tp.params0)
     _, metrics = hg.outer.step(tp.problem, tp.run, hg.Unrolled(), *args[1:])
     assert metrics.oracles is None  # estimators have no minibatch oracle counts

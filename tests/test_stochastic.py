@@ -19,19 +19,23 @@ def _rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+def sgd(num_steps, lr):
+    """The papers' inner loop: plain SGD at a fixed step, as an hg.InnerRun."""
+    return hg.InnerRun(hg.optim.sgd(), num_steps, lambda h: {"lr": lr})
+
+
 @pytest.fixture(scope="module")
 def quad():
     # mu = 1, L = 4: a GD step 1/L contracts by 3/4; Neumann/linear SGD with eta = 1/L too.
     return hg.testing.quadratic_problem(jax.random.key(0), dim=6, num_hparams=3, mu=1.0, L=4.0)
 
 
-def _one_step(method, quad, start):
+def _one_step(method, run, quad, start):
     """One outer step of ``method`` from ``θ = start`` with the quadratic's full batch."""
     state = method.init(start, quad.hparams)
+    data = (quad.inner_data, quad.outer_data)
     step = jax.jit(
-        lambda s: method.step(
-            quad.problem, s, quad.hparams, quad.inner_data, quad.outer_data, jax.random.key(1)
-        )
+        lambda s: method.step(quad.problem, run, s, quad.hparams, *data, jax.random.key(1))
     )
     return step(state)
 
@@ -39,9 +43,9 @@ def _one_step(method, quad, start):
 @pytest.mark.parametrize(
     "make",
     [
-        lambda k: st.StocBiO(num_steps=200, lr=0.25, neumann_steps=k, neumann_lr=0.25),
-        lambda k: st.AmIGO(num_steps=200, lr=0.25, linear_steps=k, linear_lr=0.25),
-        lambda k: st.SolveAfter(200, 0.25, hg.Neumann(steps=k, eta=0.25)),
+        lambda k: st.StocBiO(neumann_steps=k, neumann_lr=0.25),
+        lambda k: st.AmIGO(linear_steps=k, linear_lr=0.25),
+        lambda k: st.SolveAfter(hg.Neumann(steps=k, eta=0.25)),
     ],
     ids=["stocbio", "amigo", "neumann_after"],
 )
@@ -51,15 +55,16 @@ def test_linear_system_baselines_converge_to_the_exact_hypergradient(quad, make)
     # (0.75^100 ≈ 3e-13 times the O(1) initial error).
     exact = quad.exact_hypergradient(quad.hparams)
     start = jnp.zeros_like(quad.solution(quad.hparams))
-    errors = [_rel(_one_step(make(k), quad, start)[1], exact) for k in (5, 20, 100)]
+    run = sgd(200, 0.25)
+    errors = [_rel(_one_step(make(k), run, quad, start)[1], exact) for k in (5, 20, 100)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-10
 
 
 def test_cg_after_the_loop_is_exact(quad):
     # CG on a 6-dim SPD system is exact in 6 iterations (to rounding): 1e-10.
-    method = st.SolveAfter(200, 0.25, hg.CG(maxiter=20, tol=1e-14))
-    _, grad, stats = _one_step(method, quad, jnp.zeros(6))
+    method = st.SolveAfter(hg.CG(maxiter=20, tol=1e-14))
+    _, grad, stats = _one_step(method, sgd(200, 0.25), quad, jnp.zeros(6))
     np.testing.assert_allclose(grad, quad.exact_hypergradient(quad.hparams), rtol=1e-10)
     assert 6 <= int(stats.oracles.hvps) <= 22
 
@@ -67,13 +72,12 @@ def test_cg_after_the_loop_is_exact(quad):
 def test_soba_converges_at_a_fixed_hyperparameter(quad):
     # SOBA's θ and v contract at rate 3/4 each (v follows θ); after 300 single-loop steps at
     # a fixed λ both are at their fixed points to ~1e-30, so the direction is exact (1e-10).
-    method = st.SOBA(lr=0.25, linear_lr=0.25)
+    method, run = st.SOBA(linear_lr=0.25), sgd(1, 0.25)
     state = method.init(jnp.zeros(6), quad.hparams)
 
     def body(state, key):
-        state, grad, _ = method.step(
-            quad.problem, state, quad.hparams, quad.inner_data, quad.outer_data, key
-        )
+        data = (quad.inner_data, quad.outer_data)
+        state, grad, _ = method.step(quad.problem, run, state, quad.hparams, *data, key)
         return state, grad
 
     _, grads = jax.jit(lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.key(0), 300)))(
@@ -85,17 +89,18 @@ def test_soba_converges_at_a_fixed_hyperparameter(quad):
 
 
 def test_oracle_counts(quad):
+    run = sgd(7, 0.1)
     cases = [
-        (st.NHGD(7, 0.1), (7, 0, 1, 1)),
-        (st.StocBiO(7, 0.1, neumann_steps=5), (7, 4, 1, 1)),
-        (st.AmIGO(7, 0.1, linear_steps=5), (7, 5, 1, 1)),
-        (st.SOBA(0.1), (1, 1, 1, 1)),
-        (st.SolveAfter(7, 0.1, hg.Neumann(steps=5, eta=1.0)), (7, 7, 1, 1)),
+        (st.NHGD(), run, (7, 0, 1, 1)),
+        (st.StocBiO(neumann_steps=5), run, (7, 4, 1, 1)),
+        (st.AmIGO(linear_steps=5), run, (7, 5, 1, 1)),
+        (st.SOBA(), sgd(1, 0.1), (1, 1, 1, 1)),
+        (st.SolveAfter(hg.Neumann(steps=5, eta=1.0)), run, (7, 7, 1, 1)),
         # eta=None adds 10 power iterations and the warm start's residual: 5 + 10 + 1 + 2.
-        (st.SolveAfter(7, 0.1, hg.Neumann(steps=5)), (7, 18, 1, 1)),
+        (st.SolveAfter(hg.Neumann(steps=5)), run, (7, 18, 1, 1)),
     ]
-    for method, expected in cases:
-        _, _, stats = _one_step(method, quad, jnp.zeros(6))
+    for method, run, expected in cases:
+        _, _, stats = _one_step(method, run, quad, jnp.zeros(6))
         assert tuple(int(x) for x in stats.oracles) == expected, type(method).__name__
         assert int(stats.oracles.total) == sum(expected)
 
@@ -153,10 +158,10 @@ def test_nhgd_approaches_the_implicit_hypergradient_on_a_well_specified_model(lo
     errors, distances = [], []
     for num_steps in (30, 3000):
         fisher = hg.fisher.DenseFisher(average="mean", samples=samples, damping=1e-3)
-        method = st.NHGD(num_steps, 0.05, fisher, reset=True)
+        method, run = st.NHGD(fisher, reset=True), sgd(num_steps, 0.05)
         state = method.init(theta_star, lam)
         state, grad, _ = jax.jit(
-            lambda s, m=method: m.step(problem, s, lam, sampler, val, jax.random.key(4))
+            lambda s, m=method, r=run: m.step(problem, r, s, lam, sampler, val, jax.random.key(4))
         )(state)
         hessian = jax.hessian(lambda p: _inner(p, lam, train))(state.params)
         exact = RHO * jnp.linalg.solve(hessian, jax.grad(_nll)(state.params, lam, val))
@@ -172,9 +177,9 @@ def test_fused_fisher_equals_the_inverse_of_the_recorded_gradients(logistic):
     # Sherman–Morrison chain over 50 updates loses a few digits to conditioning ~1e3).
     problem, lam, _, val, sampler, theta_star = logistic
     rho, lr, steps = 0.1, 0.05, 50
-    method = st.NHGD(steps, lr, hg.fisher.DenseFisher(average="mean", damping=rho), reset=True)
-    key = jax.random.key(5)
-    state, _, _ = method.step(problem, method.init(theta_star, lam), lam, sampler, val, key)
+    method = st.NHGD(hg.fisher.DenseFisher(average="mean", damping=rho), reset=True)
+    key, run = jax.random.key(5), sgd(steps, lr)
+    state, _, _ = method.step(problem, run, method.init(theta_star, lam), lam, sampler, val, key)
     k_inner = jax.random.split(key, 3)[0]
     params, fisher = theta_star, rho * jnp.eye(4)
     for t in range(steps):
@@ -190,20 +195,20 @@ def test_fused_fisher_equals_the_inverse_of_the_recorded_gradients(logistic):
 def test_nhgd_carries_or_resets_the_fisher(logistic):
     problem, lam, _, val, sampler, theta_star = logistic
     for reset, expected in ((False, 20), (True, 10)):
-        method = st.NHGD(10, 0.05, reset=reset)
+        method, run = st.NHGD(reset=reset), sgd(10, 0.05)
         state = method.init(theta_star, lam)
         for i in range(2):
-            state, _, _ = method.step(problem, state, lam, sampler, val, jax.random.key(i))
+            state, _, _ = method.step(problem, run, state, lam, sampler, val, jax.random.key(i))
         assert int(state.method.count) == expected
 
 
 def test_outer_loop_with_optax_lowers_the_outer_loss(quad):
     # Adam on λ with SOBA's directions: the outer objective F(λ) decreases.
-    method, optimizer = st.SOBA(lr=0.25, linear_lr=0.25), optax.adam(0.05)
+    method, optimizer, run = st.SOBA(linear_lr=0.25), optax.adam(0.05), sgd(1, 0.25)
     state = hg.outer.init(optimizer, quad.hparams, jnp.zeros(6), jax.random.key(0), method)
     step = jax.jit(
         lambda s: hg.outer.step(
-            quad.problem, None, method, optimizer, s, quad.inner_data, quad.outer_data
+            quad.problem, run, method, optimizer, s, quad.inner_data, quad.outer_data
         )
     )
     for _ in range(200):
@@ -211,23 +216,39 @@ def test_outer_loop_with_optax_lowers_the_outer_loss(quad):
     assert float(quad.objective(state.hparams)) < 0.9 * float(quad.objective(quad.hparams))
 
 
-def test_bad_settings_raise_naming_the_field():
+def test_bad_settings_raise_naming_the_field(quad):
     params = jnp.zeros(3)
-    with pytest.raises(ValueError, match="NHGD.num_steps"):
-        st.NHGD(0, 0.1).init(params, None)
     with pytest.raises(ValueError, match="StochasticNeumann.eta"):
-        st.StocBiO(5, 0.1, neumann_lr=-1.0).init(params, None)
+        st.StocBiO(neumann_lr=-1.0).init(params, None)
     with pytest.raises(ValueError, match="DenseFisher.samples"):
-        st.NHGD(5, 0.1, hg.fisher.DenseFisher(samples="all")).init(params, None)
+        st.NHGD(hg.fisher.DenseFisher(samples="all")).init(params, None)
     with pytest.raises(ValueError, match="NHGD.sample_weights"):
-        st.NHGD(5, 0.1, sample_weights=lambda h, b: b["w"]).init(params, None)
+        st.NHGD(sample_weights=lambda h, b: b["w"]).init(params, None)
+    with pytest.raises(TypeError, match="run: NHGD takes its inner loop from an hg.InnerRun"):
+        _one_step(st.NHGD(), None, quad, jnp.zeros(6))
+    with pytest.raises(ValueError, match="run.num_steps: SOBA takes one inner step"):
+        _one_step(st.SOBA(), sgd(5, 0.1), quad, jnp.zeros(6))
+    momentum = hg.InnerRun(hg.optim.sgd_momentum(), 1, lambda h: {"lr": 0.1, "momentum": 0.9})
+    with pytest.raises(ValueError, match="run.optimizer: SOBA needs a stateless optimizer"):
+        _one_step(st.SOBA(), momentum, quad, jnp.zeros(6))
+
+
+def test_the_inner_loop_is_the_runs_optimizer(quad):
+    # NHGD and SolveAfter run any hg.InnerRun: with SGD-momentum their θ_T is the same
+    # run's end point (hg.solve with Unrolled, which runs the identical loop), to rounding.
+    run = hg.InnerRun(hg.optim.sgd_momentum(), 30, lambda h: {"lr": 0.1, "momentum": 0.8})
+    start = jnp.zeros(6)
+    expected = hg.solve(quad.problem, run, hg.Unrolled(), quad.hparams, start, quad.inner_data)
+    for method in (st.NHGD(), st.SolveAfter(), st.StocBiO()):
+        state, _, _ = _one_step(method, run, quad, start)
+        np.testing.assert_allclose(state.params, expected, rtol=1e-12)
 
 
 def test_parallel_nhgd_needs_two_devices():
     if jax.device_count() >= 2:
         pytest.skip("this process has two devices")
     with pytest.raises(ValueError, match="NHGD.parallel: needs 2 devices"):
-        st.NHGD(5, 0.1, parallel=True).init(jnp.zeros(3), None)
+        st.NHGD(parallel=True).init(jnp.zeros(3), None)
 
 
 @pytest.mark.parametrize("average", ["ema", "mean"])
@@ -238,9 +259,9 @@ def test_solve_mode_fisher_equals_the_damped_inverse_of_the_recorded_gradients(l
     problem, lam, _, val, sampler, theta_star = logistic
     rho, lr, steps, beta = 1e-3, 0.05, 20, 0.9
     fisher = hg.fisher.DenseFisher(average, beta, rho, samples="woodbury", inverse="solve")
-    method = st.NHGD(steps, lr, fisher, reset=True)
+    method, run = st.NHGD(fisher, reset=True), sgd(steps, lr)
     key = jax.random.key(6)
-    state, grad, _ = method.step(problem, method.init(theta_star, lam), lam, sampler, val, key)
+    state, grad, _ = method.step(problem, run, method.init(theta_star, lam), lam, sampler, val, key)
     k_inner = jax.random.split(key, 3)[0]
     params, batch_fishers = theta_star, []
     for t in range(steps):
@@ -266,7 +287,7 @@ def test_nhgd_needs_a_shared_sample_axis():
         lambda p, h, b: jnp.sum(p**2) + jnp.sum(b["x"]) * h, lambda p, h, b: jnp.sum(p)
     )
     batch = {"x": jnp.ones((4, 2)), "y": jnp.ones(3)}
-    method = st.NHGD(2, 0.1)
+    method = st.NHGD()
     state = method.init(jnp.zeros(2), jnp.asarray(0.0))
     with pytest.raises(ValueError, match="inner_data: NHGD's Fisher samples need the batch"):
-        method.step(problem, state, jnp.asarray(0.0), batch, batch, jax.random.key(0))
+        method.step(problem, sgd(2, 0.1), state, jnp.asarray(0.0), batch, batch, jax.random.key(0))

@@ -247,9 +247,12 @@ def units_of(cfg: CompareConfig) -> list[Unit]:
 
 
 def make_method(name: str, task: Task, cfg: CompareConfig, lr, knob):
-    """The ``stochastic`` method value of variant ``name`` at grid point ``(lr, knob)``.
-    ``lr`` and ``knob`` may be tracers (the grid is a traced argument of one program)."""
-    T = cfg.inner_steps
+    """``(method, run)``: the ``stochastic`` method value of variant ``name`` at grid point
+    ``(lr, knob)`` and its inner loop, plain SGD at ``lr`` (``cfg.inner_steps`` steps; SOBA
+    one per outer step). ``lr`` and ``knob`` may be tracers (the grid is a traced argument
+    of one program)."""
+    steps = 1 if name == "soba" else cfg.inner_steps
+    run = hg.InnerRun(hg.optim.sgd(), steps, lambda h: {"lr": lr})
     if name.startswith("nhgd"):
         if "kfac" in name:
             fisher = hg.fisher.KFACFisher(task.kfac_layers, "ema", knob, cfg.nhgd_damping)
@@ -257,22 +260,22 @@ def make_method(name: str, task: Task, cfg: CompareConfig, lr, knob):
             fisher = hg.fisher.DenseFisher(
                 "ema", knob, cfg.nhgd_damping, cfg.nhgd_dense_samples, cfg.nhgd_dense_inverse
             )
-        extra = {"parallel": True} if name.endswith("_parallel") else {}
+        parallel = name.endswith("_parallel")
         # The rank-1 mean-gradient sample (the paper's) has no per-sample weights to correct.
         weights = task.sample_weights if fisher.per_sample else None
-        return stochastic.NHGD(T, lr, fisher, cfg.nhgd_reset, weights, **extra)
+        return stochastic.NHGD(fisher, cfg.nhgd_reset, weights, parallel), run
     if name == "stocbio":
-        return stochastic.StocBiO(T, lr, cfg.linear_steps, knob)
+        return stochastic.StocBiO(cfg.linear_steps, knob), run
     if name == "amigo":
-        return stochastic.AmIGO(T, lr, cfg.linear_steps, knob)
+        return stochastic.AmIGO(cfg.linear_steps, knob), run
     if name == "soba":
-        return stochastic.SOBA(lr, knob)
+        return stochastic.SOBA(knob), run
     if name == "cg":
         solver = hg.CG(maxiter=knob, tol=cfg.cg_tol, ridge=cfg.cg_ridge)
-        return stochastic.SolveAfter(T, lr, solver)
+        return stochastic.SolveAfter(solver), run
     if name == "neumann":
         solver = hg.Neumann(steps=cfg.linear_steps, eta=knob, ridge=cfg.cg_ridge)
-        return stochastic.SolveAfter(T, lr, solver)
+        return stochastic.SolveAfter(solver), run
     raise ValueError(f"compare.methods: unknown method {name!r}; allowed: {METHODS}")
 
 
@@ -313,7 +316,7 @@ def make_chunk(name: str, task: Task, cfg: CompareConfig):
     def chunk(ostate, lr, knob, inner_data, outer_data):
         inner_data = task.inner_data if inner_data is None else inner_data
         outer_data = task.outer_data if outer_data is None else outer_data
-        method = make_method(name, task, cfg, lr, knob)
+        method, run = make_method(name, task, cfg, lr, knob)
 
         def body(carry, _):
             state, oracles, _, _ = carry
@@ -321,7 +324,7 @@ def make_chunk(name: str, task: Task, cfg: CompareConfig):
             # skip_nonfinite=False: a diverging grid point shows as NaN, not as frozen λ.
             state, m = hg.outer.step(
                 task.problem,
-                None,
+                run,
                 method,
                 optimizer,
                 state,
@@ -389,7 +392,7 @@ class Runner:
         return self.cfg.outer_steps // self.cfg.eval_every + 1
 
     def init(self, unit: Unit):
-        method = make_method(unit.method, self.task, self.cfg, unit.lr, unit.knob)
+        method, _ = make_method(unit.method, self.task, self.cfg, unit.lr, unit.knob)
         optimizer = outer_optimizer(unit.method, self.cfg)
         key = jax.random.key(self.cfg.seed)
         return hg.outer.init(optimizer, self.task.hparams, self.task.params, key, method)

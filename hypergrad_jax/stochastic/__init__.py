@@ -3,28 +3,29 @@
 Every method is a value (a NamedTuple of its settings) with two pure, jittable functions::
 
     state = method.init(params, hparams)
-    state, grad, stats = method.step(problem, state, hparams, inner_data, outer_data, key)
+    state, grad, stats = method.step(problem, run, state, hparams, inner_data, outer_data, key)
 
 ``inner_data`` is a minibatch sampler ``(key, step) -> batch`` (or one batch used at every
 step); ``outer_data`` a batch or ``key -> batch``. ``grad`` estimates ``∇F(λ)``. The outer
 loop is the one every estimator uses, :func:`hypergrad_jax.outer.init` /
-:func:`hypergrad_jax.outer.step` (with ``run=None``: these methods run their own inner SGD),
-which applies any optax transformation to the hyperparameters. ``state`` (a
-:class:`State`, a view of the outer state) carries what a method keeps between outer
-steps: the inner iterate ``θ`` (always warm-started), the linear-system variable ``v``
-(AmIGO, SOBA, :class:`SolveAfter`) and NHGD's Fisher-inverse state. ``stats.oracles`` counts
-the minibatch oracle calls of the step: gradients, Hessian-vector products and mixed
-products ``∂²_{λθ} g · v`` of the inner loss, and gradients of the outer loss.
+:func:`hypergrad_jax.outer.step` (``run``, an ``hg.InnerRun``, gives the inner loop: its
+optimizer and number of steps), which applies any optax transformation to the
+hyperparameters. ``state`` (a :class:`State`, a view of the outer state) carries what a
+method keeps between outer steps: the inner iterate ``θ`` (always warm-started), the
+linear-system variable ``v`` (AmIGO, SOBA, :class:`SolveAfter`) and NHGD's Fisher-inverse
+state. ``stats.oracles`` counts the minibatch oracle calls of the step: gradients,
+Hessian-vector products and mixed products ``∂²_{λθ} g · v`` of the inner loss, and
+gradients of the outer loss.
 
-Methods (ALGORITHMS.md §1, §3), all with inner SGD at a fixed step ``lr``; one module
-per concept: :mod:`.common` (state, oracle counts, shared pieces),
+Methods (ALGORITHMS.md §1, §3), their inner loop any ``hg.InnerRun`` (the papers use plain
+SGD; SOBA must); one module per concept: :mod:`.common` (state, oracle counts, shared pieces),
 :mod:`.nhgd`, :mod:`.baselines`:
 
-* :class:`NHGD` (:mod:`.nhgd`): ``num_steps`` SGD steps whose gradients also update an
+* :class:`NHGD` (:mod:`.nhgd`): the inner loop's steps, whose gradients also update an
   online inverse ``A ≈ F̂⁻¹`` of the empirical Fisher (:mod:`hypergrad_jax.fisher`) in the
   same ``lax.scan`` ("optimize-and-approximate");
   then ``ĥ = ∇_λ f − ∂²_{λθ} g · (A ∇_θ f)``: one mixed product, no linear solve.
-* :class:`SolveAfter`: SGD steps, then a stochastic linear solve of ``H v = ∇_θ f``, then
+* :class:`SolveAfter`: the inner loop, then a stochastic linear solve of ``H v = ∇_θ f``, then
   one mixed product; with presets :func:`StocBiO` (a Neumann series on fresh minibatch
   HVPs) and :func:`AmIGO` (SGD on the linear system, ``v`` warm-started), or any
   :mod:`~hypergrad_jax.linalg` solver on one minibatch's Hessian.

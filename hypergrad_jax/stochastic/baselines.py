@@ -1,7 +1,8 @@
 """The stochastic baselines NHGD is measured against (ALGORITHMS.md §1).
 
-stocBiO, AmIGO and "solve after" are one method, :class:`SolveAfter`: inner SGD, the outer
-gradients, a stochastic linear solve of ``H v = ∇_θ f``, one mixed product. They differ
+stocBiO, AmIGO and "solve after" are one method, :class:`SolveAfter`: the inner loop (the
+``hg.InnerRun``'s optimizer and steps; plain SGD in the papers), the outer gradients, a
+stochastic linear solve of ``H v = ∇_θ f``, one mixed product. They differ
 only in the solver (and whether ``v`` is warm-started):
 
 * :func:`StocBiO`: :class:`StochasticNeumann`, a Neumann series with a fresh minibatch
@@ -23,21 +24,22 @@ import jax.numpy as jnp
 
 from hypergrad_jax import linalg
 from hypergrad_jax.linalg import tree_axpy
-from hypergrad_jax.problem import batch_at
+from hypergrad_jax.problem import batch_at, init_state, optimizer_update
 from hypergrad_jax.static import typed
 from hypergrad_jax.stochastic.common import (
     State,
     Stats,
     check_positive,
+    check_run,
     check_steps,
     hvp_operator,
-    init_state,
+    inner_loop,
     mixed_hypergradient,
     oracles,
     outer_batch,
     outer_gradients,
-    sgd,
     split_keys,
+    start_state,
 )
 
 PyTree = Any
@@ -97,9 +99,10 @@ STOCHASTIC_SOLVERS = (StochasticNeumann, StochasticSGD)
 
 @typed
 class SolveAfter(NamedTuple):
-    """Inner SGD → outer gradients → a stochastic linear solve → one mixed product.
+    """Inner loop → outer gradients → a stochastic linear solve → one mixed product.
 
-    ``num_steps`` SGD steps at ``lr`` from the previous outer step's ``θ``; ``∇_θ f``,
+    ``run``'s inner loop (its optimizer, ``T = run.num_steps`` steps) from the previous
+    outer step's ``θ``; ``∇_θ f``,
     ``∇_λ f`` on the outer batch; ``v ≈ H⁻¹ ∇_θ f`` by ``solver``, warm-started from the
     previous ``v`` if ``warm_start``; ``ĥ = ∇_λ f − ∂²_{λθ} g · v`` on a fresh minibatch.
 
@@ -109,26 +112,23 @@ class SolveAfter(NamedTuple):
     residual).
     """
 
-    num_steps: int
-    lr: float
     solver: Any = linalg.CG(maxiter=10, tol=1e-6)
     warm_start: bool = True
 
     def init(self, params, hparams):
         del hparams
-        check_steps(self, num_steps=self.num_steps)
-        check_positive(self, lr=self.lr)
         if isinstance(self.solver, STOCHASTIC_SOLVERS):
             self.solver.check()
-        return init_state(params)
+        return start_state(params)
 
-    def step(self, problem, state, hparams, inner_data, outer_data, key):
+    def step(self, problem, run, state, hparams, inner_data, outer_data, key):
+        check_run(self, run)
         k_inner, k_linear, k_outer = split_keys(key)
-        params = sgd(problem, hparams, state.params, inner_data, k_inner, self.num_steps, self.lr)
+        params = inner_loop(problem, run, hparams, state.params, inner_data, k_inner)
         value, f_theta, f_hparams = outer_gradients(
             problem, params, hparams, outer_batch(outer_data, k_outer)
         )
-        batch = batch_at(inner_data, k_inner, jnp.int32(self.num_steps))
+        batch = batch_at(inner_data, k_inner, jnp.int32(run.num_steps))
         x0 = state.adjoint if self.warm_start else None
         if isinstance(self.solver, STOCHASTIC_SOLVERS):
 
@@ -140,41 +140,59 @@ class SolveAfter(NamedTuple):
             v, info = self.solver(hvp_operator(problem, params, hparams, batch), f_theta, x0)
             hvps = info.iterations + 2
         grad, residual = mixed_hypergradient(problem, params, hparams, batch, v, f_hparams)
-        stats = Stats(value, residual, oracles(grads=self.num_steps, hvps=hvps))
+        stats = Stats(value, residual, oracles(grads=run.num_steps, hvps=hvps))
         return State(params, v, (), state.step + 1), grad, stats
 
 
-def StocBiO(num_steps: int, lr: float, neumann_steps: int = 10, neumann_lr: float = 0.1):  # noqa: N802
-    """stocBiO (Ji, Yang, Liang 2021): ``num_steps`` SGD steps, then the Neumann series on
-    fresh minibatch Hessians (``neumann_steps − 1`` HVPs), then one mixed product."""
-    return SolveAfter(num_steps, lr, StochasticNeumann(neumann_steps, neumann_lr), False)
+def StocBiO(neumann_steps: int = 10, neumann_lr: float = 0.1) -> SolveAfter:  # noqa: N802
+    """stocBiO (Ji, Yang, Liang 2021): the inner loop, then the Neumann series on fresh
+    minibatch Hessians (``neumann_steps − 1`` HVPs), then one mixed product."""
+    return SolveAfter(StochasticNeumann(neumann_steps, neumann_lr), warm_start=False)
 
 
-def AmIGO(num_steps: int, lr: float, linear_steps: int = 10, linear_lr: float = 0.1):  # noqa: N802
-    """AmIGO (Arbel & Mairal 2022): ``num_steps`` warm-started SGD steps, then
-    ``linear_steps`` SGD steps on the linear system on fresh minibatches, ``v`` warm-started
-    from the previous outer step; then one mixed product."""
-    return SolveAfter(num_steps, lr, StochasticSGD(linear_steps, linear_lr), True)
+def AmIGO(linear_steps: int = 10, linear_lr: float = 0.1) -> SolveAfter:  # noqa: N802
+    """AmIGO (Arbel & Mairal 2022): the warm-started inner loop, then ``linear_steps`` SGD
+    steps on the linear system on fresh minibatches, ``v`` warm-started from the previous
+    outer step; then one mixed product."""
+    return SolveAfter(StochasticSGD(linear_steps, linear_lr), warm_start=True)
 
 
 @typed
 class SOBA(NamedTuple):
     """SOBA (Dagréou, Ablin, Vaiter, Moreau 2022): a single loop. Per outer step, on one
-    minibatch at the current ``(θ, v)``: ``ĥ = ∇_λ f − ∂²_{λθ} g · v``,
-    ``θ ← θ − α ∇_θ g``, ``v ← v − γ (H v − ∇_θ f)``. The gradient, HVP and mixed product
-    come from one linearisation of ``∇_θ g`` in ``(θ, λ)``."""
+    minibatch at the current ``(θ, v)``: ``ĥ = ∇_λ f − ∂²_{λθ} g · v``, one step of
+    ``run``'s optimizer on ``θ`` with ``∇_θ g`` (``θ ← θ − α ∇_θ g`` for ``hg.optim.sgd``),
+    ``v ← v − γ (H v − ∇_θ f)``. The gradient, HVP and mixed product come from one
+    linearisation of ``∇_θ g`` in ``(θ, λ)``.
 
-    lr: float
+    Where it must be plain SGD: ``run.num_steps`` must be 1 (one inner step per outer
+    step), and the optimizer must be stateless (e.g. ``hg.optim.sgd``): there is no inner
+    run whose optimizer state could persist, so momentum or Adam moments would restart at
+    every step.
+    """
+
     linear_lr: float = 0.1
 
     def init(self, params, hparams):
         del hparams
-        check_positive(self, lr=self.lr, linear_lr=self.linear_lr)
-        return init_state(params)
+        check_positive(self, linear_lr=self.linear_lr)
+        return start_state(params)
 
-    def step(self, problem, state, hparams, inner_data, outer_data, key):
+    def step(self, problem, run, state, hparams, inner_data, outer_data, key):
+        check_run(self, run)
+        if run.num_steps != 1:
+            raise ValueError(
+                f"run.num_steps: SOBA takes one inner step per outer step; expected 1, "
+                f"got {run.num_steps}"
+            )
         k_inner, _, k_outer = split_keys(key)
         params, v = state.params, state.adjoint
+        inner = init_state(run, hparams, params)
+        if jax.tree.leaves(inner.opt_state):
+            raise ValueError(
+                f"run.optimizer: SOBA needs a stateless optimizer such as hg.optim.sgd(); "
+                f"{run.optimizer.name!r} keeps state that would restart at every step"
+            )
         value, f_theta, f_hparams = outer_gradients(
             problem, params, hparams, outer_batch(outer_data, k_outer)
         )
@@ -182,7 +200,7 @@ class SOBA(NamedTuple):
         g, vjp = jax.vjp(lambda p, h: jax.grad(problem.inner_loss)(p, h, batch), params, hparams)
         hv, mixed = vjp(v)  # H is symmetric: the VJP in θ is H v
         grad = tree_axpy(-1.0, mixed, f_hparams)
-        params = tree_axpy(-self.lr, g, params)
+        params = optimizer_update(run, hparams, g, inner, jnp.int32(0)).params
         v = tree_axpy(-self.linear_lr, tree_axpy(-1.0, f_theta, hv), v)
         stats = Stats(value, linalg.tree_norm(g), oracles(grads=1, hvps=1))
         return State(params, v, (), state.step + 1), grad, stats

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from hypergrad_jax import linalg
 from hypergrad_jax.linalg import tree_axpy
-from hypergrad_jax.problem import batch_at
+from hypergrad_jax.problem import InnerRun, init_state, run_steps
 
 PyTree = Any
 
@@ -49,7 +49,7 @@ class State(NamedTuple):
     step: jax.Array  # int32[]: outer steps done
 
 
-def init_state(params, method=()) -> State:
+def start_state(params, method=()) -> State:
     zeros = jax.tree.map(jnp.zeros_like, params)
     return State(params, zeros, method, jnp.zeros((), jnp.int32))
 
@@ -103,11 +103,18 @@ def mixed_hypergradient(problem, params, hparams, batch, v, f_hparams):
     return tree_axpy(-1.0, vjp(v)[0], f_hparams), linalg.tree_norm(g)
 
 
-def sgd(problem, hparams, params, inner_data, key, num_steps, lr):
-    """``num_steps`` SGD steps on the sampler's batches ``0 .. num_steps − 1``."""
+def inner_loop(problem, run: InnerRun, hparams, params, inner_data, key):
+    """``run``'s inner loop from ``params`` on the sampler's batches ``0 .. T − 1``: ``θ``
+    warm-started, the optimizer's own state (momentum, Adam moments) started afresh every
+    outer step, as for the estimators."""
+    state = init_state(run, hparams, params)
+    return run_steps(problem, run, hparams, state, inner_data, key, 0, run.num_steps).params
 
-    def body(p, t):
-        g = jax.grad(problem.inner_loss)(p, hparams, batch_at(inner_data, key, t))
-        return tree_axpy(-lr, g, p), None
 
-    return jax.lax.scan(body, params, jnp.arange(num_steps, dtype=jnp.int32))[0]
+def check_run(method, run) -> None:
+    """The stateful methods take their inner loop from ``run``."""
+    if not isinstance(run, InnerRun):
+        raise TypeError(
+            f"run: {type(method).__name__} takes its inner loop from an hg.InnerRun (its "
+            f"optimizer and num_steps); got {type(run).__name__}"
+        )

@@ -17,20 +17,18 @@ import jax.numpy as jnp
 
 from hypergrad_jax import parallel
 from hypergrad_jax.fisher import DenseFisher
-from hypergrad_jax.linalg import tree_axpy
-from hypergrad_jax.problem import batch_at
+from hypergrad_jax.problem import batch_at, init_state, optimizer_update
 from hypergrad_jax.static import typed
 from hypergrad_jax.stochastic.common import (
     State,
     Stats,
-    check_positive,
-    check_steps,
-    init_state,
+    check_run,
     mixed_hypergradient,
     oracles,
     outer_batch,
     outer_gradients,
     split_keys,
+    start_state,
 )
 
 
@@ -60,14 +58,16 @@ SAMPLE_WEIGHT_FLOOR = 1e-3  # NHGD.sample_weights: amplification of unweighted t
 class NHGD(NamedTuple):
     """Natural hypergradient descent (Kong, Chen, Zhang, Mou 2026; ALGORITHMS.md §3).
 
-    ``num_steps`` inner SGD steps; each step's gradients also update ``A ≈ F̂⁻¹`` inside the
-    same ``lax.scan`` (the Fisher equals the inner Hessian at the optimum of a
-    well-specified negative log-likelihood). Then ``ĥ = ∇_λ f − ∂²_{λθ} g · (A ∇_θ f)`` at
-    ``θ_T`` with one mixed product on a fresh minibatch. Oracles per outer step:
-    ``num_steps`` gradients, 0 HVPs, 1 mixed product, 1 outer gradient.
+    The inner loop is ``run``'s (any :mod:`hypergrad_jax.optim` optimizer, ``T =
+    run.num_steps`` steps, ``θ`` warm-started across outer steps); each step's minibatch
+    gradients also update ``A ≈ F̂⁻¹`` inside the same ``lax.scan`` (the Fisher equals the
+    inner Hessian at the optimum of a well-specified negative log-likelihood). Then
+    ``ĥ = ∇_λ f − ∂²_{λθ} g · (A ∇_θ f)`` at ``θ_T`` with one mixed product on a fresh
+    minibatch. Oracles per outer step: ``T`` gradients, 0 HVPs, 1 mixed product, 1 outer
+    gradient. (The paper's inner loop is plain SGD; any optimizer's steps feed the same
+    gradients to the Fisher.)
 
     Attributes:
-      num_steps, lr: inner SGD steps per outer step and their step size.
       fisher: a :class:`hypergrad_jax.fisher.Curvature`: :class:`~hypergrad_jax.fisher.DenseFisher`
         or :class:`~hypergrad_jax.fisher.KFACFisher` (block diagonal, for MLPs).
       reset: start each outer step from the prior (``True``) or carry ``A`` over (default).
@@ -83,8 +83,6 @@ class NHGD(NamedTuple):
         their sum. See :func:`_parallel_inner_loop`.
     """
 
-    num_steps: int
-    lr: float
     fisher: Any = DenseFisher()
     reset: bool = False
     sample_weights: Callable | None = None
@@ -92,8 +90,6 @@ class NHGD(NamedTuple):
 
     def init(self, params, hparams):
         del hparams
-        check_steps(self, num_steps=self.num_steps)
-        check_positive(self, lr=self.lr)
         if self.sample_weights is not None and not self.fisher.per_sample:
             raise ValueError(
                 "NHGD.sample_weights: needs per-sample Fisher updates (e.g. "
@@ -106,7 +102,7 @@ class NHGD(NamedTuple):
                 "XLA_FLAGS=--xla_force_host_platform_device_count=2 before JAX starts, or "
                 "`hypergrad run ... --local-devices 2`)"
             )
-        return init_state(params, self.fisher.init(params))
+        return start_state(params, self.fisher.init(params))
 
     def samples(self, problem, hparams, params, batch):
         """One inner step's gradient and its Fisher samples ``(u = √B ḡ, per-sample)``."""
@@ -123,39 +119,50 @@ class NHGD(NamedTuple):
         u = jax.tree.map(lambda g: g * math.sqrt(_batch_size(batch)), grad)
         return grad, (u, per)
 
-    def step(self, problem, state, hparams, inner_data, outer_data, key):
+    def inner_loop(self, problem, run, hparams, params, fisher, inner_data, key):
+        """``run``'s inner loop from ``params`` with the Fisher updates of every step:
+        ``(θ_T, curvature state)``, fused on one device or pipelined on two (``parallel``)."""
+        loop = _parallel_inner_loop if self.parallel else _fused_inner_loop
+        inner = init_state(run, hparams, params)
+        return loop(self, problem, run, hparams, inner, fisher, inner_data, key)
+
+    def step(self, problem, run, state, hparams, inner_data, outer_data, key):
+        check_run(self, run)
         k_inner, _, k_outer = split_keys(key)
         fisher = self.fisher.init(state.params) if self.reset else state.method
-        loop = _parallel_inner_loop if self.parallel else _fused_inner_loop
-        params, fisher = loop(self, problem, hparams, state.params, fisher, inner_data, k_inner)
+        params, fisher = self.inner_loop(
+            problem, run, hparams, state.params, fisher, inner_data, k_inner
+        )
         value, f_theta, f_hparams = outer_gradients(
             problem, params, hparams, outer_batch(outer_data, k_outer)
         )
         w = self.fisher.apply(fisher, f_theta)
-        batch = batch_at(inner_data, k_inner, jnp.int32(self.num_steps))
+        batch = batch_at(inner_data, k_inner, jnp.int32(run.num_steps))
         grad, residual = mixed_hypergradient(problem, params, hparams, batch, w, f_hparams)
         new = State(params, state.adjoint, fisher, state.step + 1)
-        return new, grad, Stats(value, residual, oracles(grads=self.num_steps))
+        return new, grad, Stats(value, residual, oracles(grads=run.num_steps))
 
 
-def _fused_inner_loop(method, problem, hparams, params, fisher, inner_data, key):
-    """NHGD's inner loop on one device: each step's gradient moves ``θ`` and updates ``A``."""
+def _fused_inner_loop(method, problem, run, hparams, inner, fisher, inner_data, key):
+    """NHGD's inner loop on one device: each step's gradient moves ``θ`` (``run``'s
+    optimizer) and updates ``A``. Returns ``(θ_T, A)``."""
 
     def body(carry, t):
-        params, fisher = carry
+        inner, fisher = carry
         batch = batch_at(inner_data, key, t)
-        grad, samples = method.samples(problem, hparams, params, batch)
+        grad, samples = method.samples(problem, hparams, inner.params, batch)
         fisher = method.fisher.update(fisher, *samples)
-        return (tree_axpy(-method.lr, grad, params), fisher), None
+        return (optimizer_update(run, hparams, grad, inner, t), fisher), None
 
-    steps = jnp.arange(method.num_steps, dtype=jnp.int32)
-    return jax.lax.scan(body, (params, fisher), steps)[0]
+    steps = jnp.arange(run.num_steps, dtype=jnp.int32)
+    inner, fisher = jax.lax.scan(body, (inner, fisher), steps)[0]
+    return inner.params, fisher
 
 
 _ROLE = "nhgd_role"
 
 
-def _parallel_inner_loop(method, problem, hparams, params, fisher, inner_data, key):
+def _parallel_inner_loop(method, problem, run, hparams, inner, fisher, inner_data, key):
     """NHGD's inner loop on two devices, pipelined: at step ``t`` device 0 computes the
     gradient at ``θ_t`` and steps ``θ``, while device 1 updates ``A`` with step ``t − 1``'s
     Fisher samples; the samples then move 0 → 1 (``ppermute``). Device 1 applies the last
@@ -165,37 +172,39 @@ def _parallel_inner_loop(method, problem, hparams, params, fisher, inner_data, k
     """
     mesh = parallel.make_mesh(2, _ROLE)
     probe = batch_at(inner_data, key, jnp.int32(0))
-    _, empty = jax.eval_shape(lambda: method.samples(problem, hparams, params, probe))
+    _, empty = jax.eval_shape(lambda: method.samples(problem, hparams, inner.params, probe))
     empty = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), empty)
 
-    def roles(params, fisher, hparams, key):
+    def roles(inner, fisher, hparams, key):
         me = jax.lax.axis_index(_ROLE)
 
         def optimize(carry, t):  # device 0
-            params, fisher, _ = carry
-            grad, samples = method.samples(problem, hparams, params, batch_at(inner_data, key, t))
-            return tree_axpy(-method.lr, grad, params), fisher, samples
+            inner, fisher, _ = carry
+            batch = batch_at(inner_data, key, t)
+            grad, samples = method.samples(problem, hparams, inner.params, batch)
+            return optimizer_update(run, hparams, grad, inner, t), fisher, samples
 
         def approximate(carry, t):  # device 1: the samples of step t − 1
-            params, fisher, inbox = carry
+            inner, fisher, inbox = carry
             fisher = jax.lax.cond(
                 t > 0, lambda: method.fisher.update(fisher, *inbox), lambda: fisher
             )
-            return params, fisher, inbox
+            return inner, fisher, inbox
 
         def body(carry, t):
-            params, fisher, outbox = jax.lax.cond(me == 0, optimize, approximate, carry, t)
-            return (params, fisher, jax.lax.ppermute(outbox, _ROLE, [(0, 1)])), None
+            inner, fisher, outbox = jax.lax.cond(me == 0, optimize, approximate, carry, t)
+            return (inner, fisher, jax.lax.ppermute(outbox, _ROLE, [(0, 1)])), None
 
-        steps = jnp.arange(method.num_steps, dtype=jnp.int32)
-        params, fisher, inbox = jax.lax.scan(body, (params, fisher, empty), steps)[0]
+        steps = jnp.arange(run.num_steps, dtype=jnp.int32)
+        inner, fisher, inbox = jax.lax.scan(body, (inner, fisher, empty), steps)[0]
         fisher = method.fisher.update(fisher, *inbox)
         # Each device keeps what it owns; hand it to both (a masked sum over the axis).
         own = lambda x, owner: jax.lax.psum(jnp.where(me == owner, x, jnp.zeros_like(x)), _ROLE)  # noqa: E731
-        return jax.tree.map(lambda x: own(x, 0), params), jax.tree.map(lambda x: own(x, 1), fisher)
+        params = jax.tree.map(lambda x: own(x, 0), inner.params)
+        return params, jax.tree.map(lambda x: own(x, 1), fisher)
 
     spec = jax.sharding.PartitionSpec()
-    run = jax.shard_map(
+    pipelined = jax.shard_map(
         roles, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec, spec), check_vma=False
     )
-    return run(params, fisher, hparams, key)
+    return pipelined(inner, fisher, hparams, key)

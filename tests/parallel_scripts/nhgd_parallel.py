@@ -8,8 +8,11 @@ state after two outer steps, per Fisher variant.
 import jax
 from common import PROBLEM, emit, rel_err, sampler, setup
 
+import hypergrad_jax as hg
 from hypergrad_jax import stochastic as st
 from hypergrad_jax.fisher import DenseFisher, KFACFisher
+
+RUN = hg.InnerRun(hg.optim.sgd(), 6, lambda h: {"lr": 0.3})
 
 
 def variants():
@@ -29,9 +32,9 @@ def main():
     for name, fisher in variants().items():
         results = []
         for parallel in (False, True):
-            method = st.NHGD(num_steps=6, lr=0.3, fisher=fisher, parallel=parallel)
+            method = st.NHGD(fisher=fisher, parallel=parallel)
             step = jax.jit(
-                lambda s, k, m=method: m.step(PROBLEM, s, hparams, sampler(inner), outer, k)
+                lambda s, k, m=method: m.step(PROBLEM, RUN, s, hparams, sampler(inner), outer, k)
             )
             state, out = method.init(params0, hparams), []
             for k in jax.random.split(key, 2):  # the second step uses the carried Fisher
