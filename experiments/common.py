@@ -25,6 +25,13 @@ class RunConfig:
     data_parallel: bool = False
 
 
+def no_data_parallel(run: RunConfig, experiment: str, why: str) -> None:
+    """``run.data_parallel`` is rejected by name where an experiment does not support it
+    (never silently ignored)."""
+    if run.data_parallel:
+        raise ConfigError(f"run.data_parallel: not supported by {experiment} ({why}); use false")
+
+
 def maybe_data_parallel(problem: hg.BilevelProblem, run: RunConfig) -> hg.BilevelProblem:
     """The problem with its inner loss data-parallel over all devices, if configured (the
     outer loss stays whole: validation sets need not divide evenly)."""

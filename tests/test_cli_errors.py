@@ -82,6 +82,18 @@ CASES = [
         "--set: data.val_fraction: 0.01 of 10 examples leaves no validation",
     ),
     (
+        "data_parallel unsupported",
+        ["fds_noise", *SET, "run.data_parallel=true"],
+        {},
+        "--set: run.data_parallel: not supported by fds_noise",
+    ),
+    (
+        "data_parallel in the NHGD comparison",
+        ["nhgd_regularization", *SET, "run.data_parallel=true"],
+        {},
+        "--set: run.data_parallel: not supported by the NHGD comparison",
+    ),
+    (
         "nhgd batch",
         ["nhgd_hyper_cleaning", *SET, "data.batch_size=100000"],
         {},

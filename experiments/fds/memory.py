@@ -53,19 +53,16 @@ class MemoryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    checkpoint_every: int = field(default=1, metadata=bounds(ge=1))
-    out_dir: str = "runs"
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     experiment: Literal["fds_memory"] = "fds_memory"
     seed: int = field(default=0, metadata=bounds(ge=0))
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     memory: MemoryConfig = MemoryConfig()
-    run: RunConfig = RunConfig()
+    run: common.RunConfig = common.RunConfig(checkpoint_every=1)
+
+    def __post_init__(self):
+        common.no_data_parallel(self.run, "fds_memory", "it measures one device's compiled memory")
 
 
 PROBLEM = hg.BilevelProblem(

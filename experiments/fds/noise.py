@@ -122,12 +122,6 @@ class NoiseConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    checkpoint_every: int = field(default=1, metadata=bounds(ge=1))
-    out_dir: str = "runs"
-
-
-@dataclasses.dataclass(frozen=True)
 class Config:
     experiment: Literal["fds_noise"] = "fds_noise"
     seed: int = field(default=0, metadata=bounds(ge=0))
@@ -135,9 +129,12 @@ class Config:
     model: ModelConfig = ModelConfig()
     inner: InnerConfig = InnerConfig()
     noise: NoiseConfig = NoiseConfig()
-    run: RunConfig = RunConfig()
+    run: common.RunConfig = common.RunConfig(checkpoint_every=1)
 
     def __post_init__(self):
+        common.no_data_parallel(
+            self.run, "fds_noise", "its seeds are mapped and vmapped on one device"
+        )
         widths, steps = list(self.noise.widths), self.inner.num_steps
         if not widths or widths[0] != 1 or any(a >= b for a, b in zip(widths, widths[1:])):
             raise ConfigError(

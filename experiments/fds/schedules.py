@@ -174,6 +174,11 @@ class Config:
     eval: EvalConfig = EvalConfig()
     run: common.RunConfig = common.RunConfig()
 
+    def __post_init__(self):
+        common.no_data_parallel(
+            self.run, "fds_schedules", "its baselines' runs are vmapped on one device"
+        )
+
 
 # ----------------------------------------------------------------------------- pieces
 

@@ -97,6 +97,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 import hypergrad_jax as hg
+from experiments import common
 from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
@@ -519,11 +520,11 @@ def build_comparison(task: Task, compare: CompareConfig, run: RunConfig) -> Expe
     """The comparison of every ``compare.methods`` variant on ``task`` as an
     :class:`~experiments.harness.Experiment` whose steps are the units (module docstring)."""
     cfg = compare
-    if run.data_parallel:
-        raise ConfigError(
-            "run.data_parallel: not supported by the NHGD comparison (its parallel variants "
-            "place the Fisher update on a second device themselves)"
-        )
+    common.no_data_parallel(
+        run,
+        "the NHGD comparison",
+        "its parallel variants place the Fisher update on a second device themselves",
+    )
     runner = Runner(task, cfg)
     units = units_of(cfg)
     num_points = runner.num_points
