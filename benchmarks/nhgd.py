@@ -53,7 +53,6 @@ from benchmarks.estimators import machine  # noqa: E402
 from hypergrad_jax import stochastic as st  # noqa: E402
 from hypergrad_jax.fisher import DenseFisher, KFACFisher  # noqa: E402
 from hypergrad_jax.linalg import tree_axpy  # noqa: E402
-from hypergrad_jax.problem import batch_at  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,12 +82,12 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
         run = hg.InnerRun(hg.optim.sgd(), num_steps, lambda h: {"lr": lr})
         parallel = method._replace(parallel=True)
         state0 = fisher.init(params)
-        _, samples = method.samples(problem, hparams, params, batch_at(sampler, key, 0))
+        _, samples = method.samples(problem, hparams, params, hg.data.batch_at(sampler, key, 0))
 
         @jax.jit
         def sgd_only(params, m=method):
             def body(p, t):
-                grad, _ = m.samples(problem, hparams, p, batch_at(sampler, key, t))
+                grad, _ = m.samples(problem, hparams, p, hg.data.batch_at(sampler, key, t))
                 return tree_axpy(-lr, grad, p), None
 
             return jax.lax.scan(body, params, steps)[0]

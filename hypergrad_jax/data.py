@@ -409,6 +409,15 @@ def to_batch(ds: Dataset) -> dict[str, jax.Array]:
     return {"x": jnp.asarray(ds.x), "y": jnp.asarray(ds.y)}
 
 
+def batch_at(data: PyTree | Callable, key: jax.Array | None, step) -> PyTree:
+    """The batch an inner run uses at step ``step``: ``data`` itself (a full batch), or
+    ``data(fold_in(key, step), step)`` for a sampler. For loops of your own (e.g. a baseline
+    that must see exactly the minibatches the estimators see)."""
+    if callable(data):
+        return data(jax.random.fold_in(key, step), step)
+    return data
+
+
 @jax.tree_util.register_pytree_node_class
 class Sampler:
     """A jittable minibatch sampler ``(key, step) -> batch``; build it with

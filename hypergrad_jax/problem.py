@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from hypergrad_jax import optim
+from hypergrad_jax.data import batch_at
 from hypergrad_jax.static import typed
 
 PyTree = Any
@@ -69,13 +70,6 @@ class InnerRun(NamedTuple):
 class InnerState(NamedTuple):
     params: PyTree  # the model parameters θ_t
     opt_state: PyTree  # the inner optimizer's state
-
-
-def batch_at(data: PyTree | Callable, key: jax.Array | None, step) -> PyTree:
-    """The batch of inner step ``step``: ``data`` itself, or ``data(fold_in(key, step), step)``."""
-    if callable(data):
-        return data(jax.random.fold_in(key, step), step)
-    return data
 
 
 def initial_params(params0: PyTree | Callable, hparams: PyTree) -> PyTree:

@@ -183,7 +183,7 @@ def test_fused_fisher_equals_the_inverse_of_the_recorded_gradients(logistic):
     k_inner = jax.random.split(key, 3)[0]
     params, fisher = theta_star, rho * jnp.eye(4)
     for t in range(steps):
-        g = jax.grad(_inner)(params, lam, hg.problem.batch_at(sampler, k_inner, t))
+        g = jax.grad(_inner)(params, lam, hg.data.batch_at(sampler, k_inner, t))
         fisher = fisher + 32 * jnp.outer(g, g)
         params = params - lr * g
     np.testing.assert_allclose(state.params, params, rtol=1e-12)
@@ -265,7 +265,7 @@ def test_solve_mode_fisher_equals_the_damped_inverse_of_the_recorded_gradients(l
     k_inner = jax.random.split(key, 3)[0]
     params, batch_fishers = theta_star, []
     for t in range(steps):
-        batch = hg.problem.batch_at(sampler, k_inner, t)
+        batch = hg.data.batch_at(sampler, k_inner, t)
         per = jax.vmap(lambda b: jax.grad(_inner)(params, lam, jax.tree.map(lambda x: x[None], b)))(
             batch
         )

@@ -88,7 +88,6 @@ import hypergrad_jax as hg
 from experiments import common, plots
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
-from hypergrad_jax.problem import InnerState, batch_at, init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,22 +189,23 @@ def greedy_hypergradient(run, hparams, params0, sampler, outer_data, key):
     """``Σ_{t in block j} ∂f(θ_{t+1})/∂λ_j`` with ``(θ_t, v_t)`` fixed at every step: the
     one-step (greedy) hypergradients of the run, summed into the blocks of ``hparams``.
 
-    Each step is ``hypergrad_jax.problem.inner_step``'s computation (same batch, same resolved
-    schedule, same optimizer update), differentiated only through its own update.
+    Each step is the inner run's computation (same batch, same resolved schedule, same
+    optimizer update), differentiated only through its own update.
     """
-    state0 = init_state(run, hparams, params0)
+
+    def resolved(h, t):
+        return hg.optim.at_step(run.optimizer.resolve(run.optimizer_hparams(h)), t, run.num_steps)
+
+    state0 = (params0, run.optimizer.init(params0, resolved(hparams, 0)))
 
     def body(carry, t):
-        state, total = carry
-        batch = batch_at(sampler, key, t)
-        grads = jax.grad(PROBLEM.inner_loss)(state.params, hparams, batch)
+        (params, opt_state), total = carry
+        batch = hg.data.batch_at(sampler, key, t)
+        grads = jax.grad(PROBLEM.inner_loss)(params, hparams, batch)
 
         def one_step(h):
-            ohp = hg.optim.at_step(
-                run.optimizer.resolve(run.optimizer_hparams(h)), t, run.num_steps
-            )
-            params, opt_state = run.optimizer.update(grads, state.opt_state, state.params, ohp, t)
-            return PROBLEM.outer_loss(params, h, outer_data), InnerState(params, opt_state)
+            new = run.optimizer.update(grads, opt_state, params, resolved(h, t), t)
+            return PROBLEM.outer_loss(new[0], h, outer_data), new
 
         g, new_state = jax.grad(one_step, has_aux=True)(hparams)
         return (new_state, jax.tree.map(jnp.add, total, g)), None

@@ -81,7 +81,6 @@ import hypergrad_jax as hg
 from experiments import common
 from experiments.config import bounds
 from experiments.harness import Experiment
-from hypergrad_jax.problem import batch_at
 
 METHODS = ("fds", "constant", "cosine", "greedy_hd", "random_search")
 LABELS = {
@@ -270,7 +269,7 @@ def train_run(schedule, beta, params0, sampler, key, num_steps: int, clip: float
     def body(carry, xs):
         params, state, lr_hd = carry
         t, lr_t, momentum, weight_decay = xs
-        grads = jax.grad(common.cross_entropy)(params, batch_at(sampler, key, t))
+        grads = jax.grad(common.cross_entropy)(params, hg.data.batch_at(sampler, key, t))
         h = -_vdot(grads, state.velocity)
         lr_hd = jnp.maximum(lr_hd - beta * h, 0.0)
         lr = jnp.where(beta > 0, lr_hd, lr_t)

@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from hypergrad_jax import linalg
+from hypergrad_jax.data import batch_at
 from hypergrad_jax.linalg import tree_axpy
-from hypergrad_jax.problem import batch_at, init_state, optimizer_update
+from hypergrad_jax.problem import init_state, optimizer_update
 from hypergrad_jax.static import typed
 from hypergrad_jax.stochastic.common import (
     State,
