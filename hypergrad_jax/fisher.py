@@ -412,18 +412,66 @@ def _apply_layer(a_inv, s_inv, w, b):
 # --------------------------------------------------------------------------- the curvature
 
 
+def _path(key) -> tuple:
+    """A layer spec entry as a path of dict keys: ``"w0"`` -> ``("w0",)``."""
+    return tuple(key) if isinstance(key, tuple | list) else (key,)
+
+
+def _name(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def _at(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _leaf_paths(params) -> list[tuple]:
+    """Every leaf's path of dict keys; params must be a (nested) dict."""
+    paths = []
+    for keys, _ in jax.tree_util.tree_leaves_with_path(params):
+        if not keys or not all(isinstance(k, jax.tree_util.DictKey) for k in keys):
+            raise ValueError(
+                f"layers: KFACFisher needs params as a (nested) dict of dense layers, "
+                f"got {type(params).__name__}"
+            )
+        paths.append(tuple(k.key for k in keys))
+    return paths
+
+
+def flax_dense_layers(params: PyTree) -> tuple:
+    """The :class:`KFACFisher` layer spec of every flax ``nn.Dense`` in ``params`` (a
+    module's variables, e.g. ``model.init(key, x)``): the ``(kernel path, bias path)`` of
+    each dict holding a 2-D ``kernel`` and a 1-D ``bias``, in flattening order."""
+    layers = []
+    for path in _leaf_paths(params):
+        if path[-1] == "kernel" and jnp.ndim(_at(params, path)) == 2:
+            bias = (*path[:-1], "bias")
+            try:
+                ok = jnp.ndim(_at(params, bias)) == 1
+            except (KeyError, TypeError):
+                ok = False
+            if ok:
+                layers.append((path, bias))
+    return tuple(layers)
+
+
 @typed
 class KFACFisher(NamedTuple):
     """Block-diagonal K-FAC Fisher inverse over the dense layers of an MLP (see the K-FAC
     section above).
 
-    ``layers`` lists ``(weight key, bias key)`` per dense layer of a *flat dict* of params
-    (``w: [din, dout]``, ``b: [dout]``, ``x @ w + b``); together they must cover every leaf.
-    ``average``: ``"ema"`` (factor ``β``) or ``"mean"`` (running mean, the prior counting as one
-    update). ``damping``: prior ``F_0 = damping · I`` per block (each factor ``√damping · I``).
+    ``layers`` lists ``(weight, bias)`` per dense layer (``w: [din, dout]``, ``b: [dout]``,
+    ``x @ w + b``), each a key of a flat dict of params (``("w0", "b0")``) or a path of keys
+    into a nested one: a flax ``nn.Dense`` is ``(("params", "Dense_0", "kernel"),
+    ("params", "Dense_0", "bias"))``, and :func:`flax_dense_layers` lists them all. Together
+    they must cover every leaf. ``average``: ``"ema"`` (factor ``β``) or ``"mean"`` (running
+    mean, the prior counting as one update). ``damping``: prior ``F_0 = damping · I`` per
+    block (each factor ``√damping · I``).
     """
 
-    layers: tuple[tuple[str, str], ...]
+    layers: tuple
     average: str = "ema"
     beta: float = 0.95
     damping: float = 1e-3
@@ -432,6 +480,10 @@ class KFACFisher(NamedTuple):
     def per_sample(self) -> bool:
         """Needs per-sample gradients (the rank-one structure recovers ``a_i`` and ``δ_i``)."""
         return True
+
+    @property
+    def _paths(self) -> list[tuple[tuple, tuple]]:
+        return [(_path(w), _path(b)) for w, b in self.layers]
 
     # ---------------------------------------------------------------- validation
 
@@ -446,28 +498,29 @@ class KFACFisher(NamedTuple):
     def _check_layers(self, params: PyTree) -> None:
         if not isinstance(params, dict):
             raise ValueError(
-                f"layers: KFACFisher needs params as a flat dict of dense layers, "
+                f"layers: KFACFisher needs params as a (nested) dict of dense layers, "
                 f"got {type(params).__name__}"
             )
         if not self.layers:
-            raise ValueError("layers: expected at least one (weight key, bias key) pair")
+            raise ValueError("layers: expected at least one (weight, bias) pair")
         if any(not (isinstance(p, tuple | list) and len(p) == 2) for p in self.layers):
-            raise ValueError(f"layers: expected (weight key, bias key) pairs, got {self.layers}")
-        named = [k for pair in self.layers for k in pair]
+            raise ValueError(f"layers: expected (weight, bias) pairs, got {self.layers}")
+        named = [_name(p) for pair in self._paths for p in pair]
+        leaves = [_name(p) for p in _leaf_paths(params)]
         dup = sorted({k for k in named if named.count(k) > 1})
-        missing = sorted(set(params) - set(named), key=str)
-        extra = sorted(set(named) - set(params), key=str)
+        missing = sorted(set(leaves) - set(named))
+        extra = sorted(set(named) - set(leaves))
         if dup or missing or extra:
             raise ValueError(
                 f"layers must name every leaf of params exactly once: "
                 f"missing {missing}, extra {extra}, repeated {dup}"
             )
-        for wk, bk in self.layers:
-            w, b = jnp.shape(params[wk]), jnp.shape(params[bk])
+        for wp, bp in self._paths:
+            w, b = jnp.shape(_at(params, wp)), jnp.shape(_at(params, bp))
             if len(w) != 2 or b != w[1:]:
                 raise ValueError(
-                    f"layers: ({wk!r}, {bk!r}) is not a dense layer: expected "
-                    f"{wk}: [din, dout] and {bk}: [dout], got shapes {w} and {b}"
+                    f"layers: ({_name(wp)!r}, {_name(bp)!r}) is not a dense layer: expected "
+                    f"{_name(wp)}: [din, dout] and {_name(bp)}: [dout], got shapes {w} and {b}"
                 )
 
     # ---------------------------------------------------------------- protocol
@@ -480,8 +533,9 @@ class KFACFisher(NamedTuple):
         if not jnp.issubdtype(dtype, jnp.floating):
             dtype = jnp.result_type(float)
         eye = lambda n: jnp.asarray(np.eye(n) / np.sqrt(self.damping), dtype)  # no compile
-        a_inv = [eye(jnp.shape(params[wk])[0] + 1) for wk, _ in self.layers]
-        s_inv = [eye(jnp.shape(params[wk])[1]) for wk, _ in self.layers]
+        shapes = [jnp.shape(_at(params, wp)) for wp, _ in self._paths]
+        a_inv = [eye(din + 1) for din, _ in shapes]
+        s_inv = [eye(dout) for _, dout in shapes]
         return KFACState(tuple(a_inv), tuple(s_inv), jnp.asarray(0, jnp.int32))
 
     def update(self, state: KFACState, u: PyTree, per_sample_grads: PyTree) -> KFACState:
@@ -493,12 +547,12 @@ class KFACFisher(NamedTuple):
         """
         del u
         a_inv, s_inv = [], []
-        for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
-            dw, db = per_sample_grads[wk], per_sample_grads[bk]
+        for (wp, bp), ai, si in zip(self._paths, state.a_inv, state.s_inv, strict=True):
+            dw, db = _at(per_sample_grads, wp), _at(per_sample_grads, bp)
             if dw.ndim != 3 or db.ndim != 2 or dw.shape[::2] != db.shape:
                 raise ValueError(
-                    f"per_sample_grads: ({wk!r}, {bk!r}) expected [B, din, dout] and [B, dout], "
-                    f"got {dw.shape} and {db.shape}"
+                    f"per_sample_grads: ({_name(wp)!r}, {_name(bp)!r}) expected [B, din, dout] "
+                    f"and [B, dout], got {dw.shape} and {db.shape}"
                 )
             mean = self.average == "mean"
             new_a, new_s = _update_layer(ai, si, dw, db, state.count, self.beta, mean)
@@ -508,8 +562,10 @@ class KFACFisher(NamedTuple):
 
     def apply(self, state: KFACState, tree: PyTree) -> PyTree:
         """``A · tree`` with ``A = blockdiag(Ā⁻¹ ⊗ S⁻¹)``: per layer ``G ↦ Ā⁻¹ G S⁻¹`` with
-        ``G = [w-part; b-part as last row]``."""
-        out = {}
-        for (wk, bk), ai, si in zip(self.layers, state.a_inv, state.s_inv, strict=True):
-            out[wk], out[bk] = _apply_layer(ai, si, tree[wk], tree[bk])
-        return out
+        ``G = [w-part; b-part as last row]``; the result has ``tree``'s structure."""
+        blocks = {}
+        for (wp, bp), ai, si in zip(self._paths, state.a_inv, state.s_inv, strict=True):
+            blocks[wp], blocks[bp] = _apply_layer(ai, si, _at(tree, wp), _at(tree, bp))
+        return jax.tree_util.tree_map_with_path(
+            lambda keys, _: blocks[tuple(k.key for k in keys)], tree
+        )

@@ -5,13 +5,14 @@ of a ``jax.random`` or ``jnp.linalg`` call compiles a kernel (~0.5 s each here),
 an independent reference anyway. Only the code under test, and the model gradients, run in JAX.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.linalg import block_diag
 
-from hypergrad_jax.fisher import KFACFisher, KFACState, recover_rank_one
+from hypergrad_jax.fisher import KFACFisher, KFACState, flax_dense_layers, recover_rank_one
 
 LAYERS = (("w0", "b0"), ("w1", "b1"))
 
@@ -292,3 +293,49 @@ def test_bad_options_and_params_raise():
     with pytest.raises(ValueError, match="per_sample_grads"):
         KFACFisher(LAYERS).update(KFACFisher(LAYERS).init(params), None, params)
     assert KFACFisher(LAYERS).per_sample is True
+
+
+# --------------------------------------------------------------------------- flax layers
+
+
+def test_flax_dense_layers_by_path_equal_the_flat_dict(getkey):
+    # A flax MLP's nested params, named by key paths (flax_dense_layers), give the same
+    # factors and the same A·v as the identical flat dict: the same arithmetic, so equal.
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(jnp.tanh(nn.Dense(4)(x)))
+
+    model = MLP()
+    x, y = jax.random.normal(getkey(), (8, 3)), jax.random.randint(getkey(), (8,), 0, 2)
+    variables = model.init(getkey(), x)
+    layers = flax_dense_layers(variables)
+    assert layers == (
+        (("params", "Dense_0", "kernel"), ("params", "Dense_0", "bias")),
+        (("params", "Dense_1", "kernel"), ("params", "Dense_1", "bias")),
+    )
+
+    def flat(tree):
+        p = tree["params"]
+        return {
+            "w0": p["Dense_0"]["kernel"],
+            "b0": p["Dense_0"]["bias"],
+            "w1": p["Dense_1"]["kernel"],
+            "b1": p["Dense_1"]["bias"],
+        }
+
+    def loss(v, xb, yb):
+        logp = jax.nn.log_softmax(model.apply(v, xb))
+        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+
+    per = jax.vmap(lambda xi, yi: jax.grad(loss)(variables, xi[None], yi[None]))(x, y)
+    nested, plain = KFACFisher(layers), KFACFisher(LAYERS)
+    s_nested = nested.update(nested.init(variables), None, per)
+    s_plain = plain.update(plain.init(flat(variables)), None, flat(per))
+    chex.assert_trees_all_equal(s_nested, s_plain)
+    v = jax.grad(loss)(variables, x, y)
+    out = nested.apply(s_nested, v)
+    chex.assert_trees_all_equal_structs(out, variables)
+    chex.assert_trees_all_equal(flat(out), plain.apply(s_plain, flat(v)))
