@@ -197,7 +197,7 @@ def time_to_target(preset: str | None, overrides: list[str], repeats: int) -> di
         rows.append(
             {
                 "method": m,
-                "setting": {"inner_lr": SETTINGS[m][0], compare.KNOBS[m][1]: SETTINGS[m][1]},
+                "setting": {"inner_lr": SETTINGS[m][0], compare.VARIANTS[m].knob: SETTINGS[m][1]},
                 "time_to_target_s": times,
                 "oracles_to_target": calls,
                 "final_val_loss": [float(r["metrics"][-1, 0]) for r in results],

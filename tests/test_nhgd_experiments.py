@@ -96,7 +96,7 @@ def test_tiny_run_writes_table_curves_and_plots(tiny):
             continue
         assert row["status"] == "ok" and row["best"] == {
             "inner_lr": u.lr,
-            compare.KNOBS[u.method][1]: u.knob,
+            compare.VARIANTS[u.method].knob: u.knob,
         }
         assert all(np.isfinite(v) for v in row["final"].values()), row
         assert 0 <= row["final"]["test_acc"] <= 1 and 0 <= row["final"]["f1"] <= 1

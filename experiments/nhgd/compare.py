@@ -1,8 +1,11 @@
-"""The NHGD comparison runner shared by the NHGD experiments (hyper-cleaning, regularization,
+"""The NHGD comparison shared by the NHGD experiments (hyper-cleaning, regularization,
 distillation): every method variant over a small grid on one :class:`~experiments.nhgd.task.Task`.
+This module holds the config and the timed runner; the variants are one table in
+:mod:`experiments.nhgd.registry`, the tables, curves and plots in :mod:`experiments.nhgd.report`.
 
-Variants (:data:`METHODS`), all from :mod:`hypergrad_jax.stochastic`, all with inner SGD at
-step ``lr`` and ``T = compare.inner_steps`` inner steps per outer step:
+Variants (:data:`~experiments.nhgd.registry.VARIANTS`, one table), all from
+:mod:`hypergrad_jax.stochastic`, all with inner SGD at step ``lr`` and
+``T = compare.inner_steps`` inner steps per outer step:
 
 * ``nhgd_dense``: ``NHGD`` with a ``DenseFisher`` (EMA factor ``β``, prior ``nhgd_damping``,
   ``nhgd_dense_samples`` samples per step — the task's ``sample_weights`` correct per-sample
@@ -29,11 +32,11 @@ Fairness. Every variant uses the same outer optimizer (``outer_optimizer`` with 
 ``outer_lr``), the same inner steps, the same minibatch streams (one PRNG seed,
 ``compare.seed``, for every run: paired), the same starting point ``(task.params,
 task.hparams)`` and the same number of outer steps. Each gets a small grid: the shared inner
-learning-rate grid ``inner_lrs`` × one method-specific knob (:data:`KNOBS`): the EMA factor
-``β`` of the Fisher (NHGD), the Neumann / linear-system step size (stocBiO, AmIGO, SOBA,
-Neumann), CG's iteration cap (CG). The grids are part of the config and are written with
-the results. The **best grid point** of a method is the one with the lowest *final*
-``val_loss`` (NaN counts as +inf).
+learning-rate grid ``inner_lrs`` × one method-specific knob (the registry's
+``Variant.grid``): the EMA factor ``β`` of the Fisher (NHGD), the Neumann / linear-system
+step size (stocBiO, AmIGO, SOBA, Neumann), CG's iteration cap (CG). The grids are part of
+the config and are written with the results. The **best grid point** of a method is the
+one with the lowest *final* ``val_loss`` (NaN counts as +inf).
 
 Measurement. Each run (one method, one grid point: a *unit*) does ``outer_steps`` outer steps
 (``hg.outer.step``) in jitted chunks of ``eval_every`` steps (a ``lax.scan``).
@@ -83,7 +86,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -93,7 +95,6 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 import hypergrad_jax as hg
@@ -101,50 +102,32 @@ from experiments import common
 from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
-from experiments.nhgd.task import Task
-from hypergrad_jax import stochastic
-
-METHODS = (
-    "nhgd_dense",
-    "nhgd_kfac",
-    "nhgd_dense_parallel",
-    "nhgd_kfac_parallel",
-    "stocbio",
-    "amigo",
-    "soba",
-    "cg",
-    "neumann",
+from experiments.nhgd.registry import (  # noqa: F401 -- re-exported: the comparison's API
+    METHODS,
+    ORACLES,
+    SKIP_REASONS,
+    VARIANTS,
+    chunk_length,
+    make_method,
+    outer_optimizer,
+    skip_code,
 )
-LABELS = {
-    "nhgd_dense": "NHGD dense",
-    "nhgd_kfac": "NHGD K-FAC",
-    "nhgd_dense_parallel": "NHGD dense, parallel",
-    "nhgd_kfac_parallel": "NHGD K-FAC, parallel",
-    "stocbio": "stocBiO",
-    "amigo": "AmIGO",
-    "soba": "SOBA",
-    "cg": "CG after",
-    "neumann": "Neumann after",
-}
-# method -> (the CompareConfig field holding its knob's grid, the knob's name)
-KNOBS = {
-    "nhgd_dense": ("nhgd_betas", "beta"),
-    "nhgd_kfac": ("nhgd_betas", "beta"),
-    "nhgd_dense_parallel": ("nhgd_betas", "beta"),
-    "nhgd_kfac_parallel": ("nhgd_betas", "beta"),
-    "stocbio": ("stocbio_etas", "eta"),
-    "amigo": ("amigo_lrs", "linear_lr"),
-    "soba": ("soba_lrs", "linear_lr"),
-    "cg": ("cg_maxiters", "maxiter"),
-    "neumann": ("neumann_etas", "eta"),
-}
-ORACLES = ("grads", "hvps", "mixed", "outer")
-PENDING, DONE, SKIPPED = 0, 1, 2
+from experiments.nhgd.report import (  # noqa: F401 -- re-exported
+    DONE,
+    PENDING,
+    SKIPPED,
+    best_units,
+    first_reach,
+    fmt,
+    markdown,
+    mean_finite,
+    summarize,
+    target_loss,
+    write_outputs,
+)
+from experiments.nhgd.task import Task
+
 COLD_START_FACTOR = 3  # Newton steps of a cold reference solve, × reference_newton_steps
-SKIP_REASONS = {
-    1: "skipped: needs >= 2 JAX devices (on CPU: --local-devices 2)",
-    3: "skipped: the task has no kfac_layers",
-}
 
 
 # --------------------------------------------------------------------------- config
@@ -225,7 +208,7 @@ class CompareConfig:
 
     def grid(self, method: str) -> list[tuple[float, float]]:
         """``method``'s grid: ``(inner lr, knob)`` pairs, inner lr varying slowest."""
-        knobs = getattr(self, KNOBS[method][0])
+        knobs = getattr(self, VARIANTS[method].grid)
         return [(lr, k) for lr in self.inner_lrs for k in knobs]
 
 
@@ -237,68 +220,14 @@ class Unit(NamedTuple):
     knob: float
 
     def setting(self) -> str:
-        return f"lr={self.lr:g}, {KNOBS[self.method][1]}={self.knob:g}"
+        return f"lr={self.lr:g}, {VARIANTS[self.method].knob}={self.knob:g}"
 
 
 def units_of(cfg: CompareConfig) -> list[Unit]:
     return [Unit(m, lr, k) for m in cfg.methods for lr, k in cfg.grid(m)]
 
 
-# --------------------------------------------------------------------------- methods
-
-
-def make_method(name: str, task: Task, cfg: CompareConfig, lr, knob):
-    """``(method, run)``: the ``stochastic`` method value of variant ``name`` at grid point
-    ``(lr, knob)`` and its inner loop, plain SGD at ``lr`` (``cfg.inner_steps`` steps; SOBA
-    one per outer step). ``lr`` and ``knob`` may be tracers (the grid is a traced argument
-    of one program)."""
-    steps = 1 if name == "soba" else cfg.inner_steps
-    run = hg.InnerRun(hg.optim.sgd(), steps, lambda h: {"lr": lr})
-    if name.startswith("nhgd"):
-        if "kfac" in name:
-            fisher = hg.fisher.KFACFisher(task.kfac_layers, "ema", knob, cfg.nhgd_damping)
-        else:
-            fisher = hg.fisher.DenseFisher(
-                "ema", knob, cfg.nhgd_damping, cfg.nhgd_dense_samples, cfg.nhgd_dense_inverse
-            )
-        parallel = name.endswith("_parallel")
-        # The rank-1 mean-gradient sample (the paper's) has no per-sample weights to correct.
-        weights = task.sample_weights if fisher.per_sample else None
-        return stochastic.NHGD(fisher, cfg.nhgd_reset, weights, parallel), run
-    if name == "stocbio":
-        return stochastic.StocBiO(cfg.linear_steps, knob), run
-    if name == "amigo":
-        return stochastic.AmIGO(cfg.linear_steps, knob), run
-    if name == "soba":
-        return stochastic.SOBA(knob), run
-    if name == "cg":
-        solver = hg.CG(maxiter=knob, tol=cfg.cg_tol, ridge=cfg.cg_ridge)
-        return stochastic.SolveAfter(solver), run
-    if name == "neumann":
-        solver = hg.Neumann(steps=cfg.linear_steps, eta=knob, ridge=cfg.cg_ridge)
-        return stochastic.SolveAfter(solver), run
-    raise ValueError(f"compare.methods: unknown method {name!r}; allowed: {METHODS}")
-
-
-def skip_code(name: str, task: Task) -> int:
-    """0 if variant ``name`` can run here, else a :data:`SKIP_REASONS` code."""
-    if "kfac" in name and not task.kfac_layers:
-        return 3
-    if name.endswith("_parallel") and jax.device_count() < 2:
-        return 1
-    return 0
-
-
-def chunk_length(name: str, cfg: CompareConfig) -> int:
-    """Method iterations per chunk: ``eval_every`` outer steps (SOBA: ``T`` iterations each)."""
-    return cfg.eval_every * (cfg.inner_steps if name == "soba" else 1)
-
-
-def outer_optimizer(name: str, cfg: CompareConfig) -> optax.GradientTransformation:
-    lr = cfg.outer_lr
-    if name == "soba" and cfg.soba_scale_outer_lr:
-        lr = lr / cfg.inner_steps
-    return {"adam": optax.adam, "sgd": optax.sgd}[cfg.outer_optimizer](lr)
+# --------------------------------------------------------------------------- timed runner
 
 
 def _is_arrays(tree) -> bool:
@@ -572,7 +501,7 @@ def build_comparison(task: Task, compare: CompareConfig, run: RunConfig) -> Expe
             }
             shown = "  ".join(f"{k} {v:.4g}" for k, v in final.items())
             _say(
-                f"{head}: {shown}  cos {_fmt(mean_finite(out['cosine'][1:]), '.3f')}  "
+                f"{head}: {shown}  cos {fmt(mean_finite(out['cosine'][1:]), '.3f')}  "
                 f"{out['time'][-1]:.2f} s (compile {out['compile_s']:.1f} s, "
                 f"eval {out['eval_s']:.1f} s)"
             )
@@ -593,347 +522,3 @@ def build_comparison(task: Task, compare: CompareConfig, run: RunConfig) -> Expe
 def _say(text: str) -> None:
     if jax.process_index() == 0:
         print(text, flush=True)
-
-
-# --------------------------------------------------------------------------- results
-
-
-def _finite(x) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-def mean_finite(values) -> float | None:
-    """The mean of the finite entries, None if there are none."""
-    values = np.asarray(values, np.float64)
-    values = values[np.isfinite(values)]
-    return float(values.mean()) if values.size else None
-
-
-def best_units(state, units: list[Unit]) -> dict[str, int | None]:
-    """Per method, the finished unit with the lowest final val_loss (NaN: +inf); None if
-    none finished."""
-    final = np.nan_to_num(np.asarray(state["metrics"])[:, -1, 0], nan=np.inf)
-    best = {}
-    for m in dict.fromkeys(u.method for u in units):
-        idx = [i for i, u in enumerate(units) if u.method == m and state["status"][i] == DONE]
-        best[m] = min(idx, key=lambda i: final[i]) if idx else None
-    return best
-
-
-def first_reach(values, target: float) -> int | None:
-    """The first index with ``values <= target`` (NaN never reaches), or None."""
-    hit = np.flatnonzero(np.nan_to_num(np.asarray(values, np.float64), nan=np.inf) <= target)
-    return int(hit[0]) if hit.size else None
-
-
-def target_loss(cfg: CompareConfig, finals: dict[str, float]) -> float | None:
-    """The target validation loss (module docstring) from the best final losses."""
-    if cfg.target == "value":
-        return float(cfg.target_value)
-    reached = [v for v in finals.values() if math.isfinite(v)]
-    return max(reached) if reached else None
-
-
-def summarize(state, units, metric_names, task: Task, cfg: CompareConfig) -> dict:
-    metrics = np.asarray(state["metrics"])
-    times, cos = np.asarray(state["time"]), np.asarray(state["cosine"])
-    total = np.asarray(state["oracles"]).sum(axis=-1)
-    best = best_units(state, units)
-    finals = {m: float(metrics[i, -1, 0]) for m, i in best.items() if i is not None}
-    target = target_loss(cfg, finals)
-    rows = []
-    for m, i in best.items():
-        row = {"method": m, "label": LABELS[m]}
-        if i is None:
-            codes = [int(state["skip"][j]) for j, u in enumerate(units) if u.method == m]
-            row["status"] = SKIP_REASONS.get(max(codes), "not run")
-            rows.append(row)
-            continue
-        u = units[i]
-        hit = None if target is None else first_reach(metrics[i, :, 0], target)
-        row.update(
-            status="ok",
-            unit=i,
-            best={"inner_lr": u.lr, KNOBS[m][1]: u.knob},
-            best_setting=u.setting(),
-            final={k: _finite(metrics[i, -1, j]) for j, k in enumerate(metric_names)},
-            run_time_s=float(times[i, -1]),
-            oracles={k: int(state["oracles"][i, -1, j]) for j, k in enumerate(ORACLES)},
-            time_to_target_s=None if hit is None else float(times[i, hit]),
-            oracles_to_target=None if hit is None else int(total[i, hit]),
-            outer_steps_to_target=None if hit is None else hit * cfg.eval_every,
-            mean_cosine=mean_finite(cos[i, 1:]),
-        )
-        rows.append(row)
-    ref = next((r for r in rows if r["method"] == "nhgd_dense" and r["status"] == "ok"), None)
-    for r in rows:
-        ok = r["status"] == "ok" and ref is not None and ref["time_to_target_s"]
-        r["time_ratio_to_nhgd_dense"] = (
-            r["time_to_target_s"] / ref["time_to_target_s"]
-            if ok and r["time_to_target_s"] is not None
-            else None
-        )
-    return {
-        "task": task.name,
-        "primary": task.primary,
-        "metrics": list(metric_names),
-        "target": cfg.target,
-        "target_val_loss": target,
-        "selection": "best grid point per method = lowest final val_loss",
-        "outer_steps": cfg.outer_steps,
-        "eval_every": cfg.eval_every,
-        "inner_steps": cfg.inner_steps,
-        "devices": [str(d) for d in jax.devices()],
-        "cpu_count": os.cpu_count(),
-        "load_average": [mean_finite(state["load"]), _finite(np.nanmax(state["load"]))]
-        if np.isfinite(state["load"]).any()
-        else None,
-        "grids": {
-            m: {"inner_lr": list(cfg.inner_lrs), KNOBS[m][1]: list(grid_of(cfg, m))}
-            for m in cfg.methods
-        },
-        "table": rows,
-    }
-
-
-def grid_of(cfg: CompareConfig, method: str) -> tuple:
-    return getattr(cfg, KNOBS[method][0])
-
-
-def _fmt(x, spec: str = ".4g") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def markdown(summary: dict, cfg: CompareConfig) -> str:
-    """``comparison.md``: the table, the rules, the grids."""
-    primary = summary["primary"]
-    extras = [k for k in summary["metrics"] if k not in ("val_loss", primary)]
-    rule = (
-        "the largest of the methods' best final validation losses"
-        if cfg.target == "worst_best"
-        else "compare.target_value"
-    )
-    soba = f"; SOBA: {cfg.inner_steps} iterations per outer step" + (
-        f", outer lr {cfg.outer_lr / cfg.inner_steps:g}" if cfg.soba_scale_outer_lr else ""
-    )
-    lines = [
-        f"# NHGD comparison: {summary['task']}",
-        "",
-        f"{cfg.outer_steps} outer steps per run ({cfg.inner_steps} inner SGD steps each"
-        f"{soba}), evaluated every {cfg.eval_every}; outer optimizer {cfg.outer_optimizer} "
-        f"(lr {cfg.outer_lr:g}) for every method. Best grid point per method = lowest final "
-        f"val_loss. Target val_loss = {_fmt(summary['target_val_loss'])} ({rule}). Times: "
-        "wall-clock seconds of the jitted outer steps (compilation and evaluation excluded) "
-        f"on {len(summary['devices'])} device(s) ({summary['devices'][0]}). Cosine: the last "
-        "hypergradient against the exact implicit one, mean over evaluation points.",
-        "",
-    ]
-    head = [
-        "method",
-        "best setting",
-        "final val loss",
-        primary,
-        *extras,
-        "time to target (s)",
-        "oracles to target",
-        "time / nhgd_dense",
-        "mean cosine",
-    ]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in summary["table"]:
-        if r["status"] != "ok":
-            cells = [r["method"], r["status"], *[""] * (len(head) - 2)]
-        else:
-            f = r["final"]
-            cells = [
-                r["method"],
-                r["best_setting"],
-                _fmt(f["val_loss"]),
-                _fmt(f[primary], ".4f"),
-                *[_fmt(f[k], ".4f") for k in extras],
-                _fmt(r["time_to_target_s"], ".3f"),
-                _fmt(r["oracles_to_target"], "d"),
-                _fmt(r["time_ratio_to_nhgd_dense"], ".2f"),
-                _fmt(r["mean_cosine"], ".3f"),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Grids (shared inner lr × one knob per method)",
-        "",
-        f"- inner lr (every method): {list(cfg.inner_lrs)}",
-    ]
-    for m in cfg.methods:
-        lines.append(f"- {m}: {KNOBS[m][1]} ∈ {list(grid_of(cfg, m))}")
-    lines += [
-        f"- fixed: linear_steps {cfg.linear_steps}, nhgd_damping {cfg.nhgd_damping:g}, "
-        f"nhgd_dense_samples {cfg.nhgd_dense_samples}, nhgd_dense_inverse "
-        f"{cfg.nhgd_dense_inverse}, nhgd_reset {cfg.nhgd_reset}, "
-        f"cg_tol {cfg.cg_tol:g}, cg_ridge {cfg.cg_ridge:g}, seed {cfg.seed}, "
-        f"timing_repeats {cfg.timing_repeats}",
-        "",
-    ]
-    load = summary.get("load_average")
-    if load is not None:
-        lines[2] += (
-            f" Machine: {summary['cpu_count']} CPU cores, 1-minute load average after the "
-            f"units: mean {load[0]:.2f}, max {load[1]:.2f} (above the core count, other "
-            "processes competed for the cores and the times are noisy)."
-        )
-    return "\n".join(lines)
-
-
-def _units_table(summary, state, units, metric_names) -> str:
-    head = ["method", "setting", *metric_names, "run time (s)", "oracles", "mean cosine"]
-    lines = ["## Every grid point (final values)", "", "| " + " | ".join(head) + " |"]
-    lines.append("|" + "---|" * len(head))
-    for i, u in enumerate(units):
-        if state["status"][i] != DONE:
-            reason = SKIP_REASONS.get(int(state["skip"][i]), "not run")
-            lines.append("| " + " | ".join([u.method, u.setting(), reason]) + " |")
-            continue
-        cells = [
-            u.method,
-            u.setting(),
-            *[_fmt(_finite(state["metrics"][i, -1, j])) for j in range(len(metric_names))],
-            _fmt(float(state["time"][i, -1]), ".3f"),
-            str(int(state["oracles"][i, -1].sum())),
-            _fmt(mean_finite(state["cosine"][i, 1:]), ".3f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _none_nan(values) -> list:
-    return [None if not math.isfinite(float(v)) else float(v) for v in np.asarray(values)]
-
-
-def curves(state, units, metric_names, cfg: CompareConfig) -> list[dict]:
-    """Every unit's curves (JSON-ready; NaN as null)."""
-    steps = list(range(0, cfg.outer_steps + 1, cfg.eval_every))
-    out = []
-    for i, u in enumerate(units):
-        status = int(state["status"][i])
-        item = {
-            "unit": i,
-            "method": u.method,
-            "inner_lr": u.lr,
-            KNOBS[u.method][1]: u.knob,
-            "status": {PENDING: "pending", DONE: "done", SKIPPED: "skipped"}[status],
-        }
-        if status == SKIPPED:
-            item["reason"] = SKIP_REASONS[int(state["skip"][i])]
-        if status == DONE:
-            oracles = np.asarray(state["oracles"][i])
-            item.update(
-                outer_step=steps,
-                time_s=_none_nan(state["time"][i]),
-                oracles={k: oracles[:, j].tolist() for j, k in enumerate(ORACLES)}
-                | {"total": oracles.sum(axis=1).tolist()},
-                metrics={
-                    k: _none_nan(state["metrics"][i, :, j]) for j, k in enumerate(metric_names)
-                },
-                cosine=_none_nan(state["cosine"][i]),
-                reference_residual=_none_nan(state["residual"][i]),
-                compile_s=float(state["compile_s"][i]),
-                eval_s=float(state["eval_s"][i]),
-                load_average=_finite(state["load"][i]),
-            )
-        out.append(item)
-    return out
-
-
-def write_outputs(rundir, summary, state, units, metric_names, task, cfg) -> None:
-    text = markdown(summary, cfg) + "\n" + _units_table(summary, state, units, metric_names)
-    (rundir.path / "comparison.md").write_text(text)
-    data = {
-        "task": task.name,
-        "config": dataclasses.asdict(cfg),
-        "target_val_loss": summary["target_val_loss"],
-        "best_unit": {r["method"]: r.get("unit") for r in summary["table"]},
-        "units": curves(state, units, metric_names, cfg),
-    }
-    (rundir.path / "curves.json").write_text(json.dumps(data, indent=1) + "\n")
-    write_plots(rundir.plots, summary, state, metric_names, cfg)
-
-
-def write_plots(folder, summary, state, metric_names, cfg: CompareConfig) -> None:
-    from experiments import plots
-
-    best = {r["method"]: r["unit"] for r in summary["table"] if r["status"] == "ok"}
-    metrics, times = np.asarray(state["metrics"]), np.asarray(state["time"])
-    total = np.asarray(state["oracles"]).sum(axis=-1)
-    steps = np.arange(0, cfg.outer_steps + 1, cfg.eval_every)
-    target = summary["target_val_loss"]
-    primary = summary["primary"]
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    style = {m: "--" if m.endswith("_parallel") else "-" for m in METHODS}
-
-    def figure(name, x_of, y_of, xlabel, ylabel, hline=None, symlogx=False):
-        fig, ax = plots.subplots(figsize=(7, 4.5))
-        for m, i in best.items():
-            ax.plot(x_of(i), y_of(i), style[m], color=colors[m], marker=".", label=LABELS[m])
-        if hline is not None:
-            ax.axhline(hline, color="k", lw=0.8, ls=":", label="target")
-        positive = [x for i in best.values() for x in np.asarray(x_of(i)) if x > 0]
-        if symlogx and positive:  # times span orders of magnitude between methods
-            ax.set_xscale("symlog", linthresh=min(positive))
-            ax.set_xlim(left=0)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{summary['task']} (best grid point per method)", fontsize="medium")
-        ax.grid(alpha=0.3)
-        if best:
-            ax.legend(fontsize="x-small")
-        fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
-
-    j = metric_names.index(primary)
-    figure(
-        "val_loss_time.png",
-        lambda i: times[i],
-        lambda i: metrics[i, :, 0],
-        "wall-clock time (s, compile excluded; symlog)",
-        "validation loss",
-        target,
-        symlogx=True,
-    )
-    figure(
-        "val_loss_oracles.png",
-        lambda i: total[i],
-        lambda i: metrics[i, :, 0],
-        "oracle calls (gradients + HVPs + mixed + outer)",
-        "validation loss",
-        target,
-    )
-    figure(
-        f"{primary}_time.png",
-        lambda i: times[i],
-        lambda i: metrics[i, :, j],
-        "wall-clock time (s, compile excluded; symlog)",
-        primary,
-        symlogx=True,
-    )
-    figure(
-        "cosine.png",
-        lambda i: steps[1:],
-        lambda i: np.asarray(state["cosine"])[i, 1:],
-        "outer step",
-        "cosine with the exact hypergradient",
-    )
-
-    rows = [r for r in summary["table"] if r["status"] == "ok"]
-    fig, ax = plots.subplots(figsize=(7, 4))
-    x = np.arange(len(rows))
-    values = [r["time_to_target_s"] if r["time_to_target_s"] is not None else 0 for r in rows]
-    ax.bar(x, values, color=[colors[r["method"]] for r in rows])
-    for xi, r in zip(x, rows):
-        if r["time_to_target_s"] is None:
-            ax.text(xi, 0, "not\nreached", ha="center", va="bottom", fontsize="x-small")
-    ax.set_xticks(x, [LABELS[r["method"]] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel("time to target val loss (s)")
-    ax.set_title(f"{summary['task']}: target val loss {_fmt(target)}", fontsize="medium")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(folder / "time_to_target.png", dpi=110)
