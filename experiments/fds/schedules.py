@@ -584,7 +584,8 @@ def write_plots(rundir, summary, num_steps):
     fig.savefig(rundir.plots / "learned_schedule.png", dpi=120)
 
     metrics = rundir.metrics()
-    steps = [m["step"] + 1 for m in metrics]
+    # Line k: the run trained with the values after k updates, and the loss it reached.
+    steps = [m["step"] for m in metrics]
     fig, axes = plots.subplots(2, 2, figsize=(9, 6))
     for ax, k in zip(axes.flat[:3], HPARAMS):
         values = np.asarray([m[k] for m in metrics]).reshape(len(metrics), -1)
@@ -596,7 +597,7 @@ def write_plots(rundir, summary, num_steps):
     axes.flat[3].plot(steps, [m["outer_loss"] for m in metrics], color="k")
     axes.flat[3].set_title("validation loss (fresh batch)", fontsize="medium")
     for ax in axes.flat:
-        ax.set_xlabel("outer step")
+        ax.set_xlabel("outer updates applied")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(rundir.plots / "hyperparameters.png", dpi=120)

@@ -180,11 +180,12 @@ def build(cfg: Config) -> Experiment:
 
 def write_plots(rundir, hparams0, hparams, num_steps):
     metrics = rundir.metrics()
-    steps = [m["step"] + 1 for m in metrics]
+    # Line k: the run trained with the values after k updates, and the loss it reached.
+    steps = [m["step"] for m in metrics]
     plots.curves(
         rundir.plots / "outer_loss.png",
         {"validation loss": (steps, [m["outer_loss"] for m in metrics])},
-        xlabel="outer step",
+        xlabel="outer updates applied",
         ylabel="validation cross-entropy",
         title="Outer loss during hyperparameter learning",
     )
@@ -194,7 +195,7 @@ def write_plots(rundir, hparams0, hparams, num_steps):
     plots.curves(
         rundir.plots / "hyperparameters.png",
         series,
-        xlabel="outer step",
+        xlabel="outer updates applied",
         ylabel="value",
         logy=True,
         title="Hyperparameter trajectories",
