@@ -62,9 +62,9 @@ noise; how far greedy is from the long-horizon hypergradient is summarised separ
 
 Harness mapping: there is no outer optimisation. One "outer step" is one width: step ``i``
 computes the hypergradients for ``noise.widths[i]`` (one jitted function per width; seeds
-run by ``lax.map``, ``noise.seed_batch`` of them vmapped together: 1, the default, was
-faster on 2 CPU cores — at ``W = 1``, 10 seeds compiled in 7.6 s and ran in 22 s, against
-11.9 s and 29 s all vmapped, as the ``N`` tangents already batch the work) and logs one line
+run by ``lax.map``, ``noise.seed_batch`` of them vmapped together: 1, the default, since the
+``N`` forward-mode tangents already batch the work, and vmapping seeds on top compiled and
+ran slower on 2 CPU cores) and logs one line
 of that width's statistics. The state holds the per-step estimates of every width done so
 far, so checkpoints and ``--resume`` work. ``noise.widths`` must start at 1 (the reference)
 and be increasing. ``finish`` bootstraps over seeds for error bars, writes

@@ -20,8 +20,8 @@ Why PCA by default. Digits' pixels include rare ones (non-blank in a handful of 
 pixel that is blank on every training image of a (noisy) label class makes directions in
 which *every* per-sample gradient vanishes. There the inner Hessian is only the ridge, while
 the empirical Fisher — NHGD's surrogate — is exactly zero, so NHGD's EMA inverse grows like
-``β^{-t}/damping`` and overflows (measured: 46 such directions of 558 on the raw features;
-float32 NaN within ~70 outer steps at β = 0.9 even with a symmetrised update). Whitened
+``β^{-t}/damping`` and overflows (dozens of such directions on the raw features; float32
+NaN within tens of outer steps at β = 0.9, even with a symmetrised update). Whitened
 principal components are dense combinations of pixels: no null directions (the smallest
 Fisher eigenvalue is ~1e-5 at k = 32). The classifier is still linear in the pixels.
 
