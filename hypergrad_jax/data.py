@@ -1,6 +1,6 @@
 """In-memory datasets and jittable minibatch samplers; nothing is downloaded at run time.
 
-Supported data (DESIGN.md, "Data"):
+Supported data (nothing is downloaded at run time):
 
 * ``"digits"`` and ``"breast_cancer"``: scikit-learn's bundled copies (1797 8×8 digit
   images flattened to 64 features, 10 classes; 569 tumours with 30 features, 2 classes).

@@ -1,8 +1,9 @@
 """Curvature surrogates for NHGD: an online inverse ``A ≈ F̂⁻¹`` of the empirical Fisher.
 
-NHGD (ALGORITHMS.md §3) replaces the linear solve of implicit differentiation by ``A ∇_θ f``
-with ``A`` built from the inner loop's own gradients, inside the same ``lax.scan``. Every
-curvature here is a value (a NamedTuple of options) implementing :class:`Curvature`::
+NHGD (natural hypergradient descent; Kong, Chen, Zhang, Mou 2026) replaces the linear solve
+of implicit differentiation by ``A ∇_θ f`` with ``A`` built from the inner loop's own
+gradients, inside the same ``lax.scan``. Every curvature here is a value (a NamedTuple of
+options) implementing :class:`Curvature`::
 
     state = curvature.init(params)
     state = curvature.update(state, u, per_sample_grads)   # one inner step's samples
@@ -247,7 +248,8 @@ class DenseFisher(NamedTuple):
 
 
 # --------------------------------------------------------------------------- K-FAC
-# Block-diagonal Kronecker-factored (K-FAC) online Fisher inverse for NHGD (ALGORITHMS.md §3).
+# Block-diagonal Kronecker-factored online Fisher inverse for NHGD (K-FAC: Martens & Grosse
+# 2015).
 #
 # A dense Fisher inverse costs O(|θ|²) memory and O(|θ|² B) per update; for a neural network
 # that is out of reach. ``KFACFisher`` keeps, for every dense layer ``s = a·W + b``

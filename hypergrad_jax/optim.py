@@ -12,8 +12,9 @@ arguments, a new value never recompiles and ``grad``/``jvp``/``vmap`` over them 
 
 Shared (piecewise-constant) schedules: any optimizer hyperparameter may be a
 :class:`Shared` of ``N`` values; step ``t`` of a ``T``-step run uses value
-``j(t) = floor(N * t / T)`` (equal contiguous blocks, ALGORITHMS.md §2). Schedules are
-resolved by the inner run before ``update`` is called, so every optimizer supports them.
+``j(t) = floor(N * t / T)`` (equal contiguous blocks, as in FDS: Micaelli & Storkey 2021).
+Schedules are resolved by the inner run before ``update`` is called, so every optimizer
+supports them.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class MomentumState(NamedTuple):
 def sgd_momentum(
     momentum: float = 0.0, weight_decay: float = 0.0, clip: float | None = None
 ) -> InnerOptimizer:
-    """SGD with momentum and weight decay in the PyTorch convention (ALGORITHMS.md §2)::
+    """SGD with momentum and weight decay in the PyTorch convention (as FDS uses it)::
 
         g = clip(∇θ L, ±c)       v' = β v + g + ξ θ       θ' = θ − α v'
 

@@ -12,7 +12,7 @@ stateful method.
     state, metrics = hg.outer.step(problem, run, nhgd, optimizer, state, sampler, val)
 
 The outer optimizer is any ``optax.GradientTransformation`` acting on the hyperparameters,
-including :func:`sign_adaptive`, the sign-based step of FDS (ALGORITHMS.md §2). The whole
+including :func:`sign_adaptive`, the sign-based step of FDS (Micaelli & Storkey 2021). The whole
 state — hyperparameters, optimizer state, inner warm start, the linear-solve warm start,
 the method's own state (NHGD's curvature), PRNG key and step counter — is one pytree, so it
 checkpoints and ``vmap``s as a unit. Every step reports the same :class:`OuterMetrics`.

@@ -1,1 +1,2 @@
-"""FDS reproductions: forward-mode hypergradients with hyperparameter sharing (ALGORITHMS.md §2)."""
+"""FDS reproductions: forward-mode hypergradients with hyperparameter sharing (Micaelli &
+Storkey 2021)."""

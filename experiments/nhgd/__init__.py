@@ -1,2 +1,2 @@
-"""NHGD against stochastic bilevel baselines (ALGORITHMS.md §3): hyper-cleaning,
+"""NHGD against stochastic bilevel baselines (Kong, Chen, Zhang, Mou 2026): hyper-cleaning,
 regularization, distillation."""

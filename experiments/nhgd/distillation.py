@@ -1,6 +1,6 @@
 """NHGD distillation: learn 5 images per class for a linear classifier, vs stochastic baselines.
 
-The task (ALGORITHMS.md §3; issue 5; the paper used Fashion-MNIST, we use sklearn's
+The task (NHGD's dataset-distillation experiment; the paper used Fashion-MNIST, we use sklearn's
 digits). Dataset distillation: the hyperparameters are ``task.images_per_class`` synthetic
 images per class (``50 × 64`` for digits), on which an inner linear classifier is trained;
 the outer objective is that classifier's cross-entropy on the *real* training data. The

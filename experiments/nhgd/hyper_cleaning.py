@@ -1,6 +1,6 @@
 """NHGD hyper-cleaning: learn per-sample weights σ(v_i) of noisy training data, vs baselines.
 
-The task (ALGORITHMS.md §3; issue 5; Franceschi et al. 2017's data hyper-cleaning). Half of
+The task (Franceschi et al. 2017's data hyper-cleaning, as in the NHGD paper). Half of
 the training labels are corrupted; a weight ``σ(v_i)`` per training example is learned so that
 a classifier trained on the weighted data does well on clean validation data. The stochastic
 bilevel methods of :mod:`hypergrad_jax.stochastic` (NHGD, dense and K-FAC, fused and

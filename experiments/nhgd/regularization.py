@@ -1,6 +1,6 @@
 """NHGD regularization: per-feature L2 weights (log space) of logistic regression vs baselines.
 
-The task (ALGORITHMS.md §3; issue 5). Learn one L2 weight per input feature of a linear
+The task (NHGD's regularization experiment). Learn one L2 weight per input feature of a linear
 classifier, ``λ_j = log`` of the weight, on a validation split, by the stochastic bilevel
 methods of :mod:`hypergrad_jax.stochastic` (NHGD and its baselines); the shared runner
 :mod:`experiments.nhgd.compare` runs them all and writes the comparison table and the

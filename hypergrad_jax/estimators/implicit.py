@@ -1,6 +1,6 @@
 """Implicit differentiation at the end point of the inner run (implicit function theorem).
 
-Design choice (DESIGN.md asks for it to be deliberate): the solution map ``λ -> θ*(λ)`` is a
+Design choice (deliberate): the solution map ``λ -> θ*(λ)`` is a
 ``jax.custom_jvp`` whose tangent is
 
     dθ* = −(H + ridge I)⁻¹ (∂²_{θλ} g · dλ),      H = ∂²_{θθ} g(θ*, λ),

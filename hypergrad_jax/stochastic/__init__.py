@@ -17,7 +17,7 @@ state. ``stats.oracles`` counts the minibatch oracle calls of the step: gradient
 Hessian-vector products and mixed products ``∂²_{λθ} g · v`` of the inner loss, and
 gradients of the outer loss.
 
-Methods (ALGORITHMS.md §1, §3), their inner loop any ``hg.InnerRun`` (the papers use plain
+Methods (each class cites its paper), their inner loop any ``hg.InnerRun`` (the papers use plain
 SGD; SOBA must); one module per concept: :mod:`.common` (state, oracle counts, shared pieces),
 :mod:`.nhgd`, :mod:`.baselines`:
 

@@ -1,4 +1,4 @@
-"""The stochastic baselines NHGD is measured against (ALGORITHMS.md §1).
+"""The stochastic baselines NHGD is measured against (each cites its paper).
 
 stocBiO, AmIGO and "solve after" are one method, :class:`SolveAfter`: the inner loop (the
 ``hg.InnerRun``'s optimizer and steps; plain SGD in the papers), the outer gradients, a

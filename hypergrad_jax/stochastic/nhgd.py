@@ -1,4 +1,4 @@
-"""NHGD: natural hypergradient descent (Kong, Chen, Zhang, Mou 2026; ALGORITHMS.md §3).
+"""NHGD: natural hypergradient descent (Kong, Chen, Zhang, Mou 2026).
 
 The inner SGD's own gradients update an online Fisher-inverse surrogate (any
 :class:`hypergrad_jax.fisher.Curvature`) inside the same ``lax.scan``; the hypergradient is
@@ -57,7 +57,7 @@ SAMPLE_WEIGHT_FLOOR = 1e-3  # NHGD.sample_weights: amplification of unweighted t
 
 @typed
 class NHGD(NamedTuple):
-    """Natural hypergradient descent (Kong, Chen, Zhang, Mou 2026; ALGORITHMS.md §3).
+    """Natural hypergradient descent (Kong, Chen, Zhang, Mou 2026).
 
     The inner loop is ``run``'s (any :mod:`hypergrad_jax.optim` optimizer, ``T =
     run.num_steps`` steps, ``θ`` warm-started across outer steps); each step's minibatch
