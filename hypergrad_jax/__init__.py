@@ -5,7 +5,17 @@ grad, info = hg.hypergradient(problem, run, hg.Implicit(), hparams, params0,
                               inner_data, outer_data)
 """
 
-from hypergrad_jax import data, fisher, linalg, optim, outer, parallel, stochastic, testing
+from hypergrad_jax import (
+    data,
+    fisher,
+    linalg,
+    optim,
+    outer,
+    parallel,
+    population,
+    stochastic,
+    testing,
+)
 from hypergrad_jax.api import (
     HypergradientError,
     Info,
@@ -45,6 +55,7 @@ __all__ = [
     "optim",
     "outer",
     "parallel",
+    "population",
     "raise_if_failed",
     "solve",
     "stochastic",
