@@ -42,11 +42,13 @@ from jax.flatten_util import ravel_pytree
 from sklearn.datasets import load_digits
 
 import hypergrad_jax as hg
+from experiments import common
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 128
 HIDDEN = 32
-LAYERS = {"layer1": ("w1", "b1"), "layer2": ("w2", "b2")}
+CLASSIFIER = common.Classifier(common.MLP(10, (HIDDEN,)))  # a flax MLP: 64 -> 32 -> 10
+LAYERS = ("Dense_0", "Dense_1")
 MIB = 2**20
 L2 = 3e-2  # the implicit comparison's L2 coefficient: strong enough for a PD Hessian
 
@@ -67,22 +69,6 @@ def load_data(seed: int = 0, n_train: int = 1000, n_val: int = 400):
     return split(tr), split(va)
 
 
-def init_mlp(key: jax.Array, n_in: int = 64, n_out: int = 10) -> dict:
-    k1, k2 = jax.random.split(key)
-    return {
-        "w1": jax.random.normal(k1, (n_in, HIDDEN)) / np.sqrt(n_in),
-        "b1": jnp.zeros(HIDDEN),
-        "w2": jax.random.normal(k2, (HIDDEN, n_out)) / np.sqrt(HIDDEN),
-        "b2": jnp.zeros(n_out),
-    }
-
-
-def cross_entropy(params, batch):
-    hidden = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
-    logp = jax.nn.log_softmax(hidden @ params["w2"] + params["b2"])
-    return -jnp.mean(jnp.take_along_axis(logp, batch["y"][:, None], axis=1))
-
-
 def make_sampler(train):
     """A jittable ``(key, step) -> batch`` drawing BATCH examples with replacement."""
 
@@ -95,10 +81,7 @@ def make_sampler(train):
 
 
 # The horizon benchmark: the hyperparameters are those of the optimizer (read by InnerRun).
-SCHEDULE_PROBLEM = hg.BilevelProblem(
-    inner_loss=lambda p, h, b: cross_entropy(p, b),
-    outer_loss=lambda p, h, b: cross_entropy(p, b),
-)
+SCHEDULE_PROBLEM = CLASSIFIER.problem()
 
 
 def schedule_hparams():
@@ -114,14 +97,13 @@ def schedule_hparams():
 def l2_inner_loss(params, hparams, batch):
     """Cross-entropy plus ``exp(log_l2[layer]) / 2 * ||layer||²`` on every parameter."""
     penalty = sum(
-        jnp.exp(hparams["log_l2"][layer]) * sum(jnp.sum(params[k] ** 2) for k in keys)
-        for layer, keys in LAYERS.items()
+        jnp.exp(hparams["log_l2"][layer]) * common.sq_norm(params[layer]) for layer in LAYERS
     )
-    return cross_entropy(params, batch) + 0.5 * penalty
+    return CLASSIFIER.loss(params, batch) + 0.5 * penalty
 
 
 L2_PROBLEM = hg.BilevelProblem(
-    inner_loss=l2_inner_loss, outer_loss=lambda p, h, b: cross_entropy(p, b)
+    inner_loss=l2_inner_loss, outer_loss=lambda p, h, b: CLASSIFIER.loss(p, b)
 )
 
 # ----------------------------------------------------------------------------- measuring
@@ -258,7 +240,7 @@ def implicit_comparison(train, val, params0, steps, cg, repeats) -> dict:
             def inner_solver(p0, h):
                 return hg.solve(L2_PROBLEM, run, hg.Unrolled(), h, p0, train)
 
-            return jax.grad(lambda h: cross_entropy(inner_solver(p0, h), val))(h)
+            return jax.grad(lambda h: CLASSIFIER.loss(inner_solver(p0, h), val))(h)
 
         cases["jaxopt"] = theirs
     print(f"implicit: compiling {len(cases)} functions ...", flush=True)
@@ -411,7 +393,7 @@ def main() -> None:
     print(f"{info['cpu']}, {info['cores']} cores, jax {info['jax']} ({info['backend']})")
 
     train, val = load_data()
-    params0 = init_mlp(jax.random.key(0))
+    params0 = CLASSIFIER.init(jax.random.key(0), 64, dtype=jnp.float32)
     key = jax.random.key(1)
     rows = horizon_rows(horizons, repeats, train, val, params0, key)
     cg = hg.CG(maxiter=300, tol=1e-5, ridge=1e-4)

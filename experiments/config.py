@@ -69,8 +69,10 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(tp, value, where: str):
-    """``value`` as type ``tp``, or a ConfigError (``"where: ..."``, located later)."""
+def _convert(tp, value, where: str, default=None):
+    """``value`` as type ``tp``, or a ConfigError (``"where: ..."``, located later). A
+    section (dataclass) takes the keys it is not given from ``default`` (the enclosing
+    config's default for it, e.g. an experiment's own data defaults), else from its class."""
 
     def fail():
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
@@ -99,7 +101,7 @@ def _convert(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             fail()
-        return _from_dict(tp, value, f"{where}.")
+        return _from_dict(tp, value, f"{where}.", default)
     if tp is bool:
         if not isinstance(value, bool):
             fail()
@@ -156,7 +158,7 @@ def from_dict(cls, data: dict, source: str = "<config>", prefix: str = "", sourc
         raise ConfigError(locate(str(e), source, sources)) from e
 
 
-def _from_dict(cls, data, prefix):
+def _from_dict(cls, data, prefix, default=None):
     """``from_dict`` without the source: errors are ``"dotted.key: ..."``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
@@ -169,10 +171,14 @@ def _from_dict(cls, data, prefix):
     for name, f in fields.items():
         where = f"{prefix}{name}"
         if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if default is not None:
+                values[name] = getattr(default, name)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{where}: missing required key")
             continue
-        value = _convert(hints[name], data[name], where)
+        own = getattr(default, name) if default is not None else f.default
+        own = own if dataclasses.is_dataclass(own) and not isinstance(own, type) else None
+        value = _convert(hints[name], data[name], where, own)
         items = value if isinstance(value, tuple) else (value,)
         for i, item in enumerate(items):
             if _is_number(item) and not _in_range(item, f.metadata):

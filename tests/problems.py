@@ -75,3 +75,14 @@ def tour_problem():
         "log_l2": jnp.asarray(-2.0),
     }
     return problem, run, hparams, jnp.zeros(5), (xt, xt @ w + 0.5), (xv, xv @ w)
+
+
+def tiny_config(experiment: str, preset: str | None = "tiny", **sets):
+    """The typed config of ``configs/<experiment>.yaml`` at ``preset`` with ``--set``-style
+    overrides (``tiny_config("quickstart", **{"data.batch_size": 8})``)."""
+    from experiments import cli
+    from experiments import config as cfg_lib
+
+    path = cli.find_config(experiment)
+    data = cfg_lib.resolve(cfg_lib.load_yaml(path), str(path), preset, list(sets.items()))
+    return cli.load_config(data, str(path))[1]

@@ -101,15 +101,15 @@ CASES = [
     ),
     (
         "nhgd task batch",
-        ["nhgd_regularization", *SET, "task.val_batch=100000"],
+        ["nhgd_regularization", *SET, "data.val_batch=100000"],
         {},
-        "--set: task.val_batch: 100000 > ",
+        "--set: data.val_batch: 100000 > ",
     ),
     (
         "nhgd task samples",
-        ["nhgd_distillation", *SET, "task.num_samples=100000"],
+        ["nhgd_distillation", *SET, "data.num_samples=100000"],
         {},
-        "--set: task.num_samples: 100000, but dataset",
+        "--set: data.num_samples: 100000, but dataset",
     ),
     # files
     (

@@ -114,7 +114,7 @@ def test_greedy_is_hg_greedy_on_a_run_ending_after_that_step(tiny):
     short = noise.inner_run(inputs.setup)._replace(num_steps=t + 1)
     hparams = {"lr": jnp.full(t + 1, config.inner.lr)}
     grad, info = hg.hypergradient(
-        noise.PROBLEM,
+        inputs.setup.classifier.problem(),
         short,
         hg.Greedy(),
         hparams,
@@ -180,7 +180,8 @@ def test_config_validation():
         ({"noise": {"widths": [1, 10, 5]}}, "expected increasing widths starting at 1"),
         ({"noise": {"widths": [1, 7]}}, "noise.widths: [7] do not divide inner.num_steps = 250"),
         ({"noise": {"seeds": 1}}, "noise.seeds: expected a value >= 2, got 1"),
-        ({"data": {"name": "cifar10"}}, "data.name: expected one of 'digits', 'mnist1d'"),
+        ({"data": {"name": "cifar10"}}, "data.name: expected one of 'digits', 'breast_cancer'"),
+        ({"data": {"val_batch": 10}}, "data.val_batch: not supported by fds_noise"),
         ({"experiment": "quickstart"}, "experiment: expected one of 'fds_noise'"),
     ]
     for data, message in cases:

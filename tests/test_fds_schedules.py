@@ -78,12 +78,15 @@ def test_tiny_run_end_to_end(tiny):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+CLASSIFIER = common.Classifier(common.MLP(10, (8,)))
+
+
 def _small_problem(key):
     data = hg.data.load("digits", num_samples=200, seed=0)
     train = hg.data.to_batch(hg.data.split(data, val_fraction=0.1, test_fraction=0.1).train)
     sampler = hg.data.minibatch_sampler(train, 16)
     k_init, k_data = jax.random.split(key)
-    return common.init_mlp(k_init, (64, 8, 10)), sampler, k_data
+    return CLASSIFIER.init(k_init, 64), sampler, k_data
 
 
 def test_hd_hypergradient_is_hg_greedy():
@@ -97,7 +100,7 @@ def test_hd_hypergradient_is_hg_greedy():
         "momentum": jnp.full(T, 0.9),
         "weight_decay": jnp.full(T, 1e-3),
     }
-    _, lrs, hs = schedules.train_run(sched, beta, params0, sampler, key, T, clip)
+    _, lrs, hs = schedules.train_run(CLASSIFIER, sched, beta, params0, sampler, key, T, clip)
     assert lrs.dtype == jnp.float64 and hs[0] == 0
     np.testing.assert_allclose(lrs[1:], np.maximum(lrs[:-1] - beta * hs[1:], 0), rtol=1e-12)
     assert np.ptp(np.asarray(lrs)) > 0  # HD did move the rate
@@ -105,7 +108,7 @@ def test_hd_hypergradient_is_hg_greedy():
     run = schedules.inner_run(t, clip)
     hparams = {k: v[:t] for k, v in sched.items()} | {"lr": lrs[:t]}
     grad, info = hg.hypergradient(
-        schedules.PROBLEM,
+        CLASSIFIER.problem(),
         run,
         hg.Greedy(),
         hparams,
@@ -132,7 +135,7 @@ def test_training_scan_equals_hg_solve_on_block_schedules():
         "weight_decay": jnp.array([1e-3]),
     }
     expected = hg.solve(
-        schedules.PROBLEM,
+        CLASSIFIER.problem(),
         schedules.inner_run(T, 3.0),
         hg.Unrolled(),
         blocks,
@@ -142,7 +145,7 @@ def test_training_scan_equals_hg_solve_on_block_schedules():
     )
     per_step = {k: jnp.asarray(schedules.expand(v, T)) for k, v in blocks.items()}
     np.testing.assert_array_equal(schedules.expand(blocks["lr"], T)[:4], [0, 0, 0, 0.2])
-    params, lrs, _ = schedules.train_run(per_step, 0.0, params0, sampler, key, T, 3.0)
+    params, lrs, _ = schedules.train_run(CLASSIFIER, per_step, 0.0, params0, sampler, key, T, 3.0)
     np.testing.assert_allclose(lrs, per_step["lr"])
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
@@ -173,7 +176,7 @@ def test_config_validation_and_presets(monkeypatch):
     cases = [
         ({"hparams": {"init_momentum": 1.0}}, "hparams.init_momentum: expected a value >= 0"),
         ({"hparams": {"lr_blocks": 0}}, "hparams.lr_blocks: expected a value >= 1"),
-        ({"data": {"name": "cifar10"}}, "data.name: expected one of 'mnist1d', 'digits'"),
+        ({"data": {"name": "cifar10"}}, "data.name: expected one of 'digits', 'breast_cancer'"),
         ({"outer": {"step_lr": 0}}, "outer.step_lr: expected a value > 0"),
     ]
     for data, message in cases:

@@ -13,6 +13,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import problems
 import pytest
 
 from experiments import cli
@@ -25,9 +26,7 @@ KILL_AT = 3  # the run is interrupted inside its 3rd executed unit
 
 
 def tiny_config(**sets):
-    path = cli.find_config(NAME)
-    data = cfg_lib.resolve(cfg_lib.load_yaml(path), str(path), "tiny", list(sets.items()))
-    return cfg_lib.from_dict(hyper_cleaning.Config, data, str(path))
+    return problems.tiny_config(NAME, **sets)
 
 
 class KilledError(Exception):
@@ -209,9 +208,9 @@ def test_task_data_weights_and_losses():
     np.testing.assert_array_equal(np.asarray(task.train["idx"]), np.arange(n))
     # whitened features: unit variance, uncorrelated on the training part
     x = np.asarray(task.train["x"], np.float64)
-    assert x.shape[1] == config.data.pca
+    assert x.shape[1] == config.task.pca
     np.testing.assert_allclose(np.cov(x.T, bias=True), np.eye(x.shape[1]), atol=1e-4)
-    assert task.params["w"].shape == (config.data.pca, num_classes - 1)
+    assert task.params["Dense_0"]["kernel"].shape == (config.task.pca, num_classes - 1)
     assert task.hparams["v"].shape == (n,) and float(jnp.max(jnp.abs(task.hparams["v"]))) == 0
 
     v = np.linspace(-2.0, 2.0, n, dtype=np.float32)
@@ -244,8 +243,8 @@ def test_config_validation_and_presets(monkeypatch):
         ({"compare": {"target": "value"}}, "compare.target_value: required with"),
         ({"compare": {"target_value": 0.5}}, "compare.target_value: only used with"),
         ({"compare": {"outer_lr": 0}}, "compare.outer_lr: expected a value > 0"),
-        ({"data": {"corrupt_fraction": 1.5}}, "data.corrupt_fraction: expected a value >= 0"),
-        ({"data": {"name": "cifar10"}}, "data.name: expected one of 'digits', 'mnist1d'"),
+        ({"task": {"corrupt_fraction": 1.5}}, "task.corrupt_fraction: expected a value >= 0"),
+        ({"data": {"name": "cifar10"}}, "data.name: expected one of 'digits', 'breast_cancer'"),
     ]
     for data, message in cases:
         with pytest.raises(cfg_lib.ConfigError) as err:
@@ -253,8 +252,8 @@ def test_config_validation_and_presets(monkeypatch):
         assert message in str(err.value) and "nhgd_hyper_cleaning.yaml: " in str(err.value)
     with pytest.raises(cfg_lib.ConfigError, match="data.batch_size: 5000 > 240 training"):
         hyper_cleaning.make_task(tiny_config(**{"data.batch_size": 5000}))
-    with pytest.raises(cfg_lib.ConfigError, match="data.pca: 99 > "):
-        hyper_cleaning.make_task(tiny_config(**{"data.pca": 99}))
+    with pytest.raises(cfg_lib.ConfigError, match="task.pca: 99 > "):
+        hyper_cleaning.make_task(tiny_config(**{"task.pca": 99}))
 
     monkeypatch.setitem(cli.EXPERIMENTS, NAME, MODULE)
     path = cli.find_config(NAME)
@@ -262,7 +261,7 @@ def test_config_validation_and_presets(monkeypatch):
         data = cfg_lib.resolve(cfg_lib.load_yaml(path), str(path), preset)
         module, config = cli.load_config(data, str(path))
         assert module.__name__ == MODULE and config.experiment == NAME
-        assert config.data.corrupt_fraction == 0.5 and config.compare == cfg_lib.from_dict(
+        assert config.task.corrupt_fraction == 0.5 and config.compare == cfg_lib.from_dict(
             compare.CompareConfig, data["compare"]
         )
         if preset == "mnist1d":

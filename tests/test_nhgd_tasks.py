@@ -7,9 +7,7 @@ one NHGD and one SOBA step run. The tiny comparison end to end through the CLI i
 slow (compiling one program per method variant dominates it).
 """
 
-import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,27 +17,20 @@ import pytest
 import scipy.linalg
 import threadpoolctl
 from jax.flatten_util import ravel_pytree
+from problems import tiny_config
 
 import hypergrad_jax as hg
-from experiments import cli
-from experiments import config as cfg_lib
+from experiments import cli, common
 from experiments.config import ConfigError
 from experiments.nhgd import distillation, regularization
 from hypergrad_jax import stochastic as st
 
-CONFIGS = Path(__file__).parents[1] / "configs"
 MODULES = {"regularization": regularization, "distillation": distillation}
-
-
-def tiny_task_config(name: str):
-    path = CONFIGS / f"nhgd_{name}.yaml"
-    data = cfg_lib.resolve(cfg_lib.load_yaml(path), str(path), "tiny")
-    return cfg_lib.from_dict(MODULES[name].TaskConfig, data["task"], str(path), "task.")
 
 
 @pytest.fixture(scope="module", params=list(MODULES))
 def task(request):
-    return MODULES[request.param].make_task(tiny_task_config(request.param))
+    return MODULES[request.param].make_task(tiny_config(f"nhgd_{request.param}"))
 
 
 def _f64(tree):
@@ -54,9 +45,11 @@ def _finite(tree) -> bool:
 
 def test_task_contract_and_finite_losses(task):
     problem = task.problem
-    layers = [k for pair in task.kfac_layers for k in pair]
-    assert sorted(layers) == sorted(task.params)
-    assert task.params["w"].shape[1:] == task.params["b"].shape
+    # one flax Dense layer, K-FAC's single block: it covers every leaf
+    assert task.kfac_layers == hg.fisher.flax_dense_layers(task.params)
+    layer = task.params["Dense_0"]
+    assert len(jax.tree.leaves(task.params)) == 2
+    assert layer["kernel"].shape[1:] == layer["bias"].shape
 
     @jax.jit  # one program: eager calls would compile op by op
     def values(key):
@@ -177,39 +170,39 @@ def test_one_nhgd_and_one_soba_step_run(task):
 @pytest.mark.parametrize(
     "name,override,expected",
     [
-        ("regularization", {"batch_size": 10_000}, "task.batch_size: 10000 >"),
-        ("regularization", {"val_batch": 10_000}, "task.val_batch: 10000 >"),
-        ("regularization", {"num_samples": 10_000}, "task.num_samples: 10000, but"),
-        ("distillation", {"batch_size": 21}, "task.batch_size: 21 > 20 learned-image"),
-        ("distillation", {"outer_batch": 10_000}, "task.outer_batch: 10000 >"),
+        ("regularization", {"data.batch_size": 10_000}, "data.batch_size: 10000 >"),
+        ("regularization", {"data.val_batch": 10_000}, "data.val_batch: 10000 >"),
+        ("regularization", {"data.num_samples": 10_000}, "data.num_samples: 10000, but"),
+        ("distillation", {"data.batch_size": 21}, "data.batch_size: 21 > 20 learned-image"),
+        ("distillation", {"data.val_batch": 10_000}, "data.val_batch: 10000 >"),
+        ("distillation", {"data.val_fraction": 0.1}, "data.val_fraction: 0.1; expected 0"),
+        ("regularization", {"data.val_fraction": 0.0}, "data.val_fraction: 0.0; expected > 0"),
     ],
 )
 def test_sizes_beyond_the_data_name_the_config_key(name, override, expected):
-    module = MODULES[name]
-    cfg = dataclasses.replace(tiny_task_config(name), **override)
     with pytest.raises(ConfigError, match=expected):
-        module.make_task(cfg)
+        MODULES[name].make_task(tiny_config(f"nhgd_{name}", **override))
 
 
 def test_fractions_leaving_no_training_data_are_rejected():
-    with pytest.raises(ConfigError, match="task.val_fraction \\+ task.test_fraction"):
-        regularization.TaskConfig(val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ConfigError, match="data.val_fraction \\+ data.test_fraction"):
+        common.DataConfig(val_fraction=0.5, test_fraction=0.5)
 
 
 def test_distillation_images_start_at_the_class_means():
-    cfg = tiny_task_config("distillation")
+    cfg = tiny_config("nhgd_distillation")
     task = distillation.make_task(cfg)
     images = np.asarray(task.hparams)
     labels = np.asarray(task.train["y"])
     real_x, real_y = np.asarray(task.val["x"]), np.asarray(task.val["y"])
-    k = cfg.images_per_class
+    k = cfg.task.images_per_class
     assert images.shape == (10 * k, real_x.shape[1])
     np.testing.assert_array_equal(labels, np.repeat(np.arange(10), k))
     for c in range(10):
         mean = real_x[real_y == c].mean(axis=0)
         noise = images[labels == c] - mean
         # noise ~ init_noise · N(0, 1): its std over the class's k·d entries.
-        assert abs(noise.std() - cfg.init_noise) < 0.5 * cfg.init_noise
+        assert abs(noise.std() - cfg.task.init_noise) < 0.5 * cfg.task.init_noise
 
 
 @pytest.mark.parametrize("name", ["nhgd_regularization", "nhgd_distillation"])

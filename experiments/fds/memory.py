@@ -35,17 +35,6 @@ ESTIMATORS = ("forward", "unrolled", "unrolled_remat")
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: Literal["digits", "mnist1d"] = "digits"
-    batch_size: int = field(default=128, metadata=bounds(ge=1))
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    hidden: tuple[int, ...] = field(default=(32,), metadata=bounds(ge=1))
-
-
-@dataclasses.dataclass(frozen=True)
 class MemoryConfig:
     horizons: tuple[int, ...] = (100, 1000, 10000)
     lr_blocks: int = field(default=10, metadata=bounds(ge=1))
@@ -56,19 +45,14 @@ class MemoryConfig:
 class Config:
     experiment: Literal["fds_memory"] = "fds_memory"
     seed: int = field(default=0, metadata=bounds(ge=0))
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    data: common.DataConfig = common.DataConfig(val_fraction=0.2, test_fraction=0.0, batch_size=128)
+    model: common.ModelConfig = common.ModelConfig(hidden=(32,))
     memory: MemoryConfig = MemoryConfig()
     run: common.RunConfig = common.RunConfig(checkpoint_every=1)
 
     def __post_init__(self):
         common.no_data_parallel(self.run, "fds_memory", "it measures one device's compiled memory")
-
-
-PROBLEM = hg.BilevelProblem(
-    inner_loss=lambda p, h, b: common.cross_entropy(p, b),
-    outer_loss=lambda p, h, b: common.cross_entropy(p, b),
-)
+        common.no_val_batch(self.data, "fds_memory", "it measures one fixed validation batch")
 
 
 def measure(fn, *args) -> tuple[int, float]:
@@ -82,19 +66,13 @@ def measure(fn, *args) -> tuple[int, float]:
 
 
 def build(cfg: Config) -> Experiment:
-    data, splits = common.load_splits(
-        "data",
-        cfg.data.name,
-        seed=cfg.seed,
-        val_fraction=0.2,
-        test_fraction=0.0,
-        batch_size=cfg.data.batch_size,
-    )
+    data, splits = cfg.data.load(cfg.seed)
     train, val = hg.data.to_batch(splits.train), hg.data.to_batch(splits.val)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)
-    sizes = (int(np.prod(data.x.shape[1:])), *cfg.model.hidden, data.num_classes)
+    classifier = common.Classifier(common.MLP(data.num_classes, cfg.model.hidden))
+    problem = classifier.problem()
     key = jax.random.key(cfg.seed)
-    params0 = common.init_mlp(key, sizes)
+    params0 = classifier.init(key, int(np.prod(data.x.shape[1:])))
     hparams = {
         "optimizer": {
             "lr": hg.Shared(jnp.full(cfg.memory.lr_blocks, 0.05)),
@@ -116,12 +94,12 @@ def build(cfg: Config) -> Experiment:
         for j, name in enumerate(names):
             est = common.make_estimator(name)
             fn = lambda h, p, s, v, k, est=est, run=run: hg.hypergradient(  # noqa: E731
-                PROBLEM, run, est, h, p, s, v, key=k
+                problem, run, est, h, p, s, v, key=k
             )[0]
             state["temp_bytes"][i, j], state["seconds"][i, j] = measure(
                 fn, hparams, params0, sampler, val, key
             )
-        plain = lambda h, p, s, k, run=run: hg.solve(PROBLEM, run, hg.Unrolled(), h, p, s, key=k)  # noqa: E731
+        plain = lambda h, p, s, k, run=run: hg.solve(problem, run, hg.Unrolled(), h, p, s, key=k)  # noqa: E731
         state["temp_bytes"][i, -1], state["seconds"][i, -1] = measure(
             plain, hparams, params0, sampler, key
         )

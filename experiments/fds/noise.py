@@ -91,19 +91,6 @@ from experiments.harness import Experiment
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: Literal["digits", "mnist1d"] = "digits"
-    num_samples: int | None = field(default=None, metadata=bounds(ge=10))
-    val_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
-    batch_size: int = field(default=64, metadata=bounds(ge=1))
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    hidden: tuple[int, ...] = field(default=(32,), metadata=bounds(ge=1))
-
-
-@dataclasses.dataclass(frozen=True)
 class InnerConfig:
     num_steps: int = field(default=250, metadata=bounds(ge=1))
     lr: float = field(default=0.05, metadata=bounds(gt=0))
@@ -124,8 +111,8 @@ class NoiseConfig:
 class Config:
     experiment: Literal["fds_noise"] = "fds_noise"
     seed: int = field(default=0, metadata=bounds(ge=0))
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    data: common.DataConfig = common.DataConfig(test_fraction=0.0)
+    model: common.ModelConfig = common.ModelConfig(hidden=(32,))
     inner: InnerConfig = InnerConfig()
     noise: NoiseConfig = NoiseConfig()
     run: common.RunConfig = common.RunConfig(checkpoint_every=1)
@@ -134,6 +121,7 @@ class Config:
         common.no_data_parallel(
             self.run, "fds_noise", "its seeds are mapped and vmapped on one device"
         )
+        common.no_val_batch(self.data, "fds_noise", "every seed's hypergradient is of one loss")
         widths, steps = list(self.noise.widths), self.inner.num_steps
         if not widths or widths[0] != 1 or any(a >= b for a, b in zip(widths, widths[1:])):
             raise ConfigError(
@@ -151,17 +139,10 @@ class Config:
 # ----------------------------------------------------------------------------- the problem
 
 
-def _loss(params, hparams, batch):
-    del hparams
-    return common.cross_entropy(params, batch)
-
-
-PROBLEM = hg.BilevelProblem(inner_loss=_loss, outer_loss=_loss)
-
-
 class Setup(NamedTuple):
     """The static (hashable) part of the computation: equal setups share compiled code."""
 
+    classifier: common.Classifier
     num_steps: int
     lr: float
     momentum: float
@@ -185,7 +166,7 @@ def lr_hparams(setup: Setup, width: int) -> dict:
     return {"lr": jnp.full(setup.num_steps // width, setup.lr)}
 
 
-def greedy_hypergradient(run, hparams, params0, sampler, outer_data, key):
+def greedy_hypergradient(problem, run, hparams, params0, sampler, outer_data, key):
     """``Σ_{t in block j} ∂f(θ_{t+1})/∂λ_j`` with ``(θ_t, v_t)`` fixed at every step: the
     one-step (greedy) hypergradients of the run, summed into the blocks of ``hparams``.
 
@@ -201,11 +182,11 @@ def greedy_hypergradient(run, hparams, params0, sampler, outer_data, key):
     def body(carry, t):
         (params, opt_state), total = carry
         batch = hg.data.batch_at(sampler, key, t)
-        grads = jax.grad(PROBLEM.inner_loss)(params, hparams, batch)
+        grads = jax.grad(problem.inner_loss)(params, hparams, batch)
 
         def one_step(h):
             new = run.optimizer.update(grads, opt_state, params, resolved(h, t), t)
-            return PROBLEM.outer_loss(new[0], h, outer_data), new
+            return problem.outer_loss(new[0], h, outer_data), new
 
         g, new_state = jax.grad(one_step, has_aux=True)(hparams)
         return (new_state, jax.tree.map(jnp.add, total, g)), None
@@ -233,13 +214,14 @@ def block_hypergradients(setup: Setup, width: int, params0, data_keys, sampler, 
     """
     run = inner_run(setup)
     hparams = lr_hparams(setup, width)
+    problem = setup.classifier.problem()
 
     def one_seed(args):
         p0, key = args
         g, info = hg.hypergradient(
-            PROBLEM, run, hg.Forward(), hparams, p0, sampler, outer_data, key=key
+            problem, run, hg.Forward(), hparams, p0, sampler, outer_data, key=key
         )
-        greedy = greedy_hypergradient(run, hparams, p0, sampler, outer_data, key)
+        greedy = greedy_hypergradient(problem, run, hparams, p0, sampler, outer_data, key)
         return g["lr"], greedy["lr"], info.outer_value, info.status
 
     batch = None if setup.seed_batch == 1 else setup.seed_batch
@@ -264,23 +246,15 @@ class Inputs(NamedTuple):
 def prepare(cfg: Config) -> Inputs:
     """Data, seeds and initial networks for ``cfg``: seed ``s`` is one network
     initialisation and one minibatch sequence, the same for every width."""
-    data, splits = common.load_splits(
-        "data",
-        cfg.data.name,
-        seed=cfg.seed,
-        num_samples=cfg.data.num_samples,
-        val_fraction=cfg.data.val_fraction,
-        test_fraction=0.0,
-        batch_size=cfg.data.batch_size,
-    )
+    data, splits = cfg.data.load(cfg.seed)
     train, val = hg.data.to_batch(splits.train), hg.data.to_batch(splits.val)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)
-    sizes = (int(np.prod(data.x.shape[1:])), *cfg.model.hidden, data.num_classes)
+    classifier = common.Classifier(common.MLP(data.num_classes, cfg.model.hidden))
+    num_features = int(np.prod(data.x.shape[1:]))
     keys = jax.random.split(jax.random.key(cfg.seed), (cfg.noise.seeds, 2))
-    # A Python loop: eager ops compile once per shape; a vmapped eager init is 3x slower.
-    inits = [common.init_mlp(k, sizes) for k in keys[:, 0]]
-    params0 = jax.tree.map(lambda *x: jnp.stack(x), *inits)
+    params0 = jax.vmap(lambda k: classifier.init(k, num_features))(keys[:, 0])
     setup = Setup(
+        classifier,
         cfg.inner.num_steps,
         cfg.inner.lr,
         cfg.inner.momentum,
@@ -447,7 +421,7 @@ def build(cfg: Config) -> Experiment:
             "normalisation": "per-step estimate = block hypergradient / W",
             "long_horizon": results["long_horizon"],
             "greedy": results["greedy"],
-            "mean_val_loss": float(np.mean(state["val_loss"][:n])),
+            "mean_val_loss": float(np.mean(np.asarray(state["val_loss"][:n]))),
             "val_loss_spread_across_widths": float(
                 np.ptp(np.asarray(state["val_loss"][:n]), 0).max()
             ),

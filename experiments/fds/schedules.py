@@ -76,6 +76,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import hypergrad_jax as hg
 from experiments import common
@@ -91,25 +92,6 @@ LABELS = {
     "random_search": "random search",
 }
 HPARAMS = ("lr", "momentum", "weight_decay")
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: Literal["mnist1d", "digits"] = "mnist1d"
-    num_samples: int | None = field(default=4000, metadata=bounds(ge=10))
-    val_fraction: float = field(default=0.2, metadata=bounds(gt=0, lt=1))
-    test_fraction: float = field(default=0.2, metadata=bounds(gt=0, lt=1))
-    batch_size: int = field(default=64, metadata=bounds(ge=1))
-    # Examples of the validation pool drawn (without replacement) per FDS outer step.
-    val_batch: int = field(default=400, metadata=bounds(ge=1))
-
-    def __post_init__(self):
-        common.check_fractions("data", self.val_fraction, self.test_fraction)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    hidden: tuple[int, ...] = field(default=(64,), metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +146,10 @@ class EvalConfig:
 class Config:
     experiment: Literal["fds_schedules"] = "fds_schedules"
     seed: int = field(default=0, metadata=bounds(ge=0))
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    data: common.DataConfig = common.DataConfig(
+        name="mnist1d", num_samples=4000, val_fraction=0.2, test_fraction=0.2, val_batch=400
+    )
+    model: common.ModelConfig = common.ModelConfig()
     inner: InnerConfig = InnerConfig()
     hparams: HparamConfig = HparamConfig()
     outer: OuterConfig = OuterConfig()
@@ -180,14 +164,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def _loss(params, hparams, batch):
-    del hparams
-    return common.cross_entropy(params, batch)
-
-
-PROBLEM = hg.BilevelProblem(inner_loss=_loss, outer_loss=_loss)
 
 
 def _select(h):
@@ -244,11 +220,7 @@ def hd_grid(lr0s, beta_min: float, beta_max: float, runs: int) -> list[tuple[flo
     return [(float(a), float(b)) for b, a in itertools.product(betas, lr0s)][:runs]
 
 
-def _vdot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def train_run(schedule, beta, params0, sampler, key, num_steps: int, clip: float):
+def train_run(classifier, schedule, beta, params0, sampler, key, num_steps: int, clip: float):
     """One training run of ``sgd_momentum(clip)`` on per-step schedules, optionally with
     hypergradient descent (HD, Baydin et al. 2018) on the learning rate.
 
@@ -269,8 +241,8 @@ def train_run(schedule, beta, params0, sampler, key, num_steps: int, clip: float
     def body(carry, xs):
         params, state, lr_hd = carry
         t, lr_t, momentum, weight_decay = xs
-        grads = jax.grad(common.cross_entropy)(params, hg.data.batch_at(sampler, key, t))
-        h = -_vdot(grads, state.velocity)
+        grads = jax.grad(classifier.loss)(params, hg.data.batch_at(sampler, key, t))
+        h = -optax.tree.vdot(grads, state.velocity)
         lr_hd = jnp.maximum(lr_hd - beta * h, 0.0)
         lr = jnp.where(beta > 0, lr_hd, lr_t)
         ohp = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
@@ -283,12 +255,12 @@ def train_run(schedule, beta, params0, sampler, key, num_steps: int, clip: float
     return params, lrs, hs
 
 
-def _scores(params, val, test):
-    loss = common.cross_entropy(params, val)
+def _scores(classifier, params, val, test):
+    loss = classifier.loss(params, val)
     return {
-        "val_accuracy": common.accuracy(params, val),
+        "val_accuracy": classifier.accuracy(params, val),
         "val_loss": jnp.where(jnp.isfinite(loss), loss, jnp.inf),
-        "test_accuracy": common.accuracy(params, test),
+        "test_accuracy": classifier.accuracy(params, test),
     }
 
 
@@ -302,23 +274,17 @@ def pick(val_accuracy, val_loss) -> int:
 
 
 def build(cfg: Config) -> Experiment:
-    data, splits = common.load_splits(
-        "data",
-        cfg.data.name,
-        seed=cfg.seed,
-        num_samples=cfg.data.num_samples,
-        val_fraction=cfg.data.val_fraction,
-        test_fraction=cfg.data.test_fraction,
-        batch_size=cfg.data.batch_size,
-    )
+    data, splits = cfg.data.load(cfg.seed, require=("val", "test"))
     train, val, test = (hg.data.to_batch(s) for s in splits)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)
     n_val = int(val["y"].shape[0])
-    val_batch = min(cfg.data.val_batch, n_val)
-    sizes = (int(np.prod(data.x.shape[1:])), *cfg.model.hidden, data.num_classes)
+    val_batch = n_val if cfg.data.val_batch is None else cfg.data.val_batch
+    classifier = common.Classifier(common.MLP(data.num_classes, cfg.model.hidden))
+    num_features = int(np.prod(data.x.shape[1:]))
     num_steps, clip = cfg.inner.num_steps, cfg.inner.clip
     run = inner_run(num_steps, clip)
-    reinit = lambda key: common.init_mlp(key, sizes)  # noqa: E731
+    problem = classifier.problem()
+    reinit = lambda key: classifier.init(key, num_features)  # noqa: E731
     h = cfg.hparams
     hparams0 = {
         "lr": jnp.full(h.lr_blocks, h.init_lr),
@@ -341,7 +307,7 @@ def build(cfg: Config) -> Experiment:
     @jax.jit
     def step(state):
         new, m = hg.outer.step(
-            PROBLEM, run, hg.Forward(), optimizer, state, sampler, draw_val, reinit=reinit
+            problem, run, hg.Forward(), optimizer, state, sampler, draw_val, reinit=reinit
         )
         new = new._replace(hparams=project(new.hparams, h.max_momentum))
         # One metrics line describes one inner run: the hyperparameters it trained with next
@@ -357,7 +323,7 @@ def build(cfg: Config) -> Experiment:
         return bool(hg.outer.sign_adaptive_converged(state.opt_state, state.hparams, o.tolerance))
 
     def finish(state, rundir):
-        summary = evaluate(cfg, state, sampler, val, test, reinit)
+        summary = evaluate(cfg, classifier, state, sampler, val, test, reinit)
         if rundir.primary:
             write_plots(rundir, summary, num_steps)
             print_table(summary, rundir)
@@ -366,7 +332,7 @@ def build(cfg: Config) -> Experiment:
     return Experiment(o.num_steps, init_state, step, finish, cfg.run.checkpoint_every, done)
 
 
-def make_trainer(num_steps: int, clip: float, reinit):
+def make_trainer(classifier, num_steps: int, clip: float, reinit):
     """``(schedules, betas, keys, sampler, val, test) -> (scores, lrs)``: :func:`train_run`
     vmapped over candidates (``schedules`` of shape ``(C, T)``, ``betas`` and ``keys``
     ``(C,)``). One program serves every method of one batch size."""
@@ -376,9 +342,9 @@ def make_trainer(num_steps: int, clip: float, reinit):
         def one(sched, beta, key):
             k_init, k_data = jax.random.split(key)
             params, lrs, _ = train_run(
-                sched, beta, reinit(k_init), sampler, k_data, num_steps, clip
+                classifier, sched, beta, reinit(k_init), sampler, k_data, num_steps, clip
             )
-            return _scores(params, val, test), lrs
+            return _scores(classifier, params, val, test), lrs
 
         return jax.vmap(one)(schedules, betas, keys)
 
@@ -393,14 +359,14 @@ def _constant(values, num_steps):
     return np.repeat(np.asarray(values, np.float64)[:, None], num_steps, axis=1)
 
 
-def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
+def evaluate(cfg: Config, classifier, state, sampler, val, test, reinit) -> dict:
     """Baseline searches at FDS's budget, then every method retrained on the same seeds."""
     t_start = time.perf_counter()
     T, b = cfg.inner.num_steps, cfg.baselines  # noqa: N806
     outer_steps = int(state.step)
     runs = search_size(outer_steps)
     seeds = cfg.eval.seeds
-    train = make_trainer(T, cfg.inner.clip, reinit)
+    train = make_trainer(classifier, T, cfg.inner.clip, reinit)
     fdt = np.float64 if jax.config.jax_enable_x64 else np.float32
 
     # --- searches: R runs per baseline, selected on the full validation pool; all 4R
@@ -483,7 +449,7 @@ def evaluate(cfg: Config, state, sampler, val, test, reinit) -> dict:
     if t_eval == T:
         final, final_lrs = call(tiled, final_keys)
     else:  # another horizon: another program
-        trainer = make_trainer(t_eval, cfg.inner.clip, reinit)
+        trainer = make_trainer(classifier, t_eval, cfg.inner.clip, reinit)
         final, final_lrs = call(tiled, final_keys, trainer, None)
     eval_s = time.perf_counter() - t0
 

@@ -8,27 +8,27 @@ stochastic bilevel methods of :mod:`hypergrad_jax.stochastic` (NHGD and its base
 run on it by the shared runner :mod:`experiments.nhgd.compare`, which writes the comparison
 table and the time-to-target plots.
 
-Data. ``task.dataset`` (``digits``: 1797 × 64, 10 classes; or ``mnist1d``: 40 features,
-generated offline) split once (``task.seed``) into real train / test parts, standardised with
+Data. ``data.name`` (``digits``: 1797 × 64, 10 classes; or ``mnist1d``: 40 features,
+generated offline) split once (``seed``) into real train / test parts, standardised with
 the training part's statistics (``hg.data.split``; there is no validation part: the outer
 objective is on the real training data, as in dataset distillation).
 
 Hyperparameters ``λ = X̃``: ``float[C·K, d]``, row ``i`` an image of class ``i // K``
 (``K = task.images_per_class``; the labels are fixed). Initialised as the class means of the
 standardised real training data plus ``task.init_noise`` × N(0, 1) noise (seeded by
-``task.seed``): the mean alone would make a class's ``K`` images identical, and identical
+``seed``): the mean alone would make a class's ``K`` images identical, and identical
 images get identical gradients and stay identical; the noise breaks that symmetry.
 
-Inner problem: the linear classifier of :mod:`experiments.nhgd.regularization` (logits
-``[x @ w + b, 0]``, a reference class so the likelihood is identifiable; ``params = {"w":
-[d, C−1], "b": [C−1]}``, one dense layer for K-FAC) trained on the learned images, a mean
-over a minibatch of them plus a ridge (strongly convex in ``θ``)::
+Inner problem: the tasks' linear classifier (:func:`experiments.nhgd.task.linear_classifier`:
+logits ``[x @ w + b, 0]``, a reference class so the likelihood is identifiable; one flax
+``Dense`` layer for K-FAC) trained on the learned images, a mean over a minibatch of them plus
+a ridge (strongly convex in ``θ``)::
 
     g(θ, X̃) = mean_{i ∈ batch} NLL(θ; X̃_i, y_i) + ½ ridge |θ|²
 
-The inner sampler draws ``task.batch_size`` of the ``C·K`` image *indices* per step (the
+The inner sampler draws ``data.batch_size`` of the ``C·K`` image *indices* per step (the
 batch is ``{"idx", "y"}`` and ``g`` gathers ``X̃[idx]``, so the images stay differentiable
-hyperparameters). Outer problem: ``f(θ) = mean NLL`` on a minibatch of ``task.outer_batch``
+hyperparameters). Outer problem: ``f(θ) = mean NLL`` on a minibatch of ``data.val_batch``
 real training examples per outer step (``outer_data = key -> batch``; all if null);
 ``val`` (the exact hypergradient's outer data) and ``evaluate``'s ``val_loss`` use the whole
 real training part; ``test_acc`` (primary) and ``test_loss`` the held-out real test part.
@@ -62,15 +62,7 @@ from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
-from experiments.nhgd.regularization import (
-    accuracy,
-    init_linear,
-    nll,
-    outer_loss,
-    outer_sampler,
-    sq_norm,
-)
-from experiments.nhgd.task import Task
+from experiments.nhgd.task import Task, linear_classifier
 
 # --------------------------------------------------------------------------- config
 
@@ -79,33 +71,41 @@ from experiments.nhgd.task import Task
 class TaskConfig:
     """The distillation task (module docstring)."""
 
-    dataset: Literal["digits", "mnist1d"] = "digits"
-    # Keep a random subset of this many real examples (null: all; mnist1d: generate this many).
-    num_samples: int | None = field(default=None, metadata=bounds(ge=10))
-    test_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
-    seed: int = field(default=0, metadata=bounds(ge=0))  # subset, split, initial noise
     images_per_class: int = field(default=5, metadata=bounds(ge=1))
     init_noise: float = field(default=0.1, metadata=bounds(ge=0))  # std around class means
-    batch_size: int = field(default=10, metadata=bounds(ge=1))  # learned images per inner step
-    # Real training examples per outer step (drawn without replacement); null: all.
-    outer_batch: int | None = field(default=128, metadata=bounds(ge=1))
     ridge: float = field(default=1e-2, metadata=bounds(gt=0))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     experiment: Literal["nhgd_distillation"] = "nhgd_distillation"
+    seed: int = field(default=0, metadata=bounds(ge=0))  # subset, split, initial noise
+    # batch_size: learned images per inner step; val_batch: real training examples per outer
+    # step (the outer loss is on the real training part: val_fraction must be 0).
+    data: common.DataConfig = common.DataConfig(
+        val_fraction=0.0, test_fraction=0.25, batch_size=10, val_batch=128
+    )
     task: TaskConfig = TaskConfig()
     compare: CompareConfig = CompareConfig()
     run: RunConfig = RunConfig()
+
+    def __post_init__(self):
+        if self.data.val_fraction != 0:
+            raise ConfigError(
+                f"data.val_fraction: {self.data.val_fraction}; expected 0 (distillation's "
+                "outer loss is on the real training examples)"
+            )
 
 
 # --------------------------------------------------------------------------- the problem
 
 
-def inner_loss(params: dict, images: jax.Array, batch: dict, ridge: float) -> jax.Array:
+def inner_loss(
+    classifier: common.Classifier, params: dict, images: jax.Array, batch: dict, ridge: float
+) -> jax.Array:
     """``mean_{i ∈ batch} NLL(θ; X̃[idx_i], y_i) + ½ ridge |θ|²``."""
-    return nll(params, images[batch["idx"]], batch["y"]) + 0.5 * ridge * sq_norm(params)
+    real = {"x": images[batch["idx"]], "y": batch["y"]}
+    return classifier.loss(params, real) + 0.5 * ridge * common.sq_norm(params)
 
 
 def class_means(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -123,66 +123,63 @@ def init_images(key, x, y, num_classes: int, per_class: int, noise: float) -> ja
 # --------------------------------------------------------------------------- the task
 
 
-def make_task(cfg: TaskConfig) -> Task:
+def make_task(cfg: Config) -> Task:
     """The distillation :class:`~experiments.nhgd.task.Task` (module docstring)."""
-    data, splits = common.load_splits(
-        "task",
-        cfg.dataset,
-        seed=cfg.seed,
-        num_samples=cfg.num_samples,
-        val_fraction=0.0,
-        test_fraction=cfg.test_fraction,
-    )
+    d, t = cfg.data, cfg.task
+    data, splits = d.load(cfg.seed, require=("test",), check_batches=False)
     real, test = hg.data.to_batch(splits.train), hg.data.to_batch(splits.test)
     num_classes, num_features = data.num_classes, data.x.shape[1]
     missing = sorted(set(range(num_classes)) - set(splits.train.y.tolist()))
     if missing:
         raise ConfigError(
-            f"task.num_samples: {cfg.num_samples} leaves classes {missing} without real "
+            f"data.num_samples: {d.num_samples} leaves classes {missing} without real "
             "training examples; their images cannot be initialised at the class means"
         )
-    num_images = num_classes * cfg.images_per_class
-    common.check_batch("task.batch_size", cfg.batch_size, num_images, "learned-image")
-    common.check_batch("task.outer_batch", cfg.outer_batch, real["y"].shape[0], "real training")
+    num_images = num_classes * t.images_per_class
+    common.check_batch("data.batch_size", d.batch_size, num_images, "learned-image")
+    common.check_batch("data.val_batch", d.val_batch, real["y"].shape[0], "real training")
 
-    labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), cfg.images_per_class)
+    labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), t.images_per_class)
     images = init_images(
         jax.random.key(cfg.seed),
         splits.train.x,
         splits.train.y,
         num_classes,
-        cfg.images_per_class,
-        cfg.init_noise,
+        t.images_per_class,
+        t.init_noise,
     )
     train = {"idx": jnp.arange(num_images, dtype=jnp.int32), "y": labels}
-    ridge = cfg.ridge
+    classifier = linear_classifier(num_classes)
+    ridge = t.ridge
     problem = hg.BilevelProblem(
-        inner_loss=lambda p, h, b: inner_loss(p, h, b, ridge), outer_loss=outer_loss
+        inner_loss=lambda p, h, b: inner_loss(classifier, p, h, b, ridge),
+        outer_loss=lambda p, h, b: classifier.loss(p, b),
     )
+    params = classifier.init(jax.random.key(0), num_features, zeros=True, dtype=jnp.float32)
 
     def evaluate(params, hparams):
         del hparams
         return {
-            "val_loss": nll(params, real["x"], real["y"]),
-            "train_acc": accuracy(params, real["x"], real["y"]),
-            "test_loss": nll(params, test["x"], test["y"]),
-            "test_acc": accuracy(params, test["x"], test["y"]),
+            "val_loss": classifier.loss(params, real),
+            "train_acc": classifier.accuracy(params, real),
+            "test_loss": classifier.loss(params, test),
+            "test_acc": classifier.accuracy(params, test),
         }
 
     return Task(
-        name=f"distillation/{cfg.dataset}",
+        name=f"distillation/{d.name}",
         problem=problem,
         hparams=images,
-        params=init_linear(num_features, num_classes),
-        inner_data=hg.data.minibatch_sampler(train, cfg.batch_size),
-        outer_data=outer_sampler(real, cfg.outer_batch),
+        params=params,
+        inner_data=hg.data.minibatch_sampler(train, d.batch_size),
+        outer_data=common.outer_data(real, d.val_batch),
         train=train,
         val=real,
         evaluate=evaluate,
         primary="test_acc",
-        kfac_layers=(("w", "b"),),
+        kfac_layers=hg.fisher.flax_dense_layers(params),
     )
 
 
 def build(cfg: Config) -> Experiment:
-    return build_comparison(make_task(cfg.task), cfg.compare, cfg.run)
+    return build_comparison(make_task(cfg), cfg.compare, cfg.run)

@@ -11,7 +11,7 @@ Data. ``data.name``: sklearn's ``digits`` (1797 × 64, default) or ``mnist1d`` (
 offline generator, ``data.num_samples`` examples, 40 features; the ``mnist1d`` preset
 generates 10,000). Split once (``seed``) into train / validation / test, every feature
 standardised with the training part's statistics (``hg.data.split``); features constant on
-the training part (digits' always-blank border pixels) are dropped. With ``data.pca = k``
+the training part (digits' always-blank border pixels) are dropped. With ``task.pca = k``
 (default 32; ``null`` keeps the features) the features are then the top ``k`` principal
 components of the training part, each scaled to unit variance (PCA whitening, fitted on the
 training part only).
@@ -25,26 +25,26 @@ NaN within tens of outer steps at β = 0.9, even with a symmetrised update). Whi
 principal components are dense combinations of pixels: no null directions (the smallest
 Fisher eigenvalue is ~1e-5 at k = 32). The classifier is still linear in the pixels.
 
-Label noise. ``round(data.corrupt_fraction · n_train)`` training labels (default 50%) are
+Label noise. ``round(task.corrupt_fraction · n_train)`` training labels (default 50%) are
 replaced by ``hg.data.corrupt_labels``: each chosen label is redrawn uniformly from the *other*
 ``C − 1`` classes, so every corrupted label is wrong (resampling from all ``C`` classes would
 leave ``1/C`` of them right by chance; here the corrupted mask is exactly the wrong labels,
 which the F1 score needs). Validation and test labels stay clean.
 
-Model: a multinomial logistic regression with a *reference class*, ``params = {"w": [d, C−1],
-"b": [C−1]}``, logits ``[x @ w + b, 0]`` (the usual ``C`` columns leave the likelihood
-invariant under adding one vector to every column: a direction in which the Fisher is zero).
-``params`` is one dense layer, so K-FAC applies (``kfac_layers = (("w", "b"),)``).
+Model: :func:`experiments.nhgd.task.linear_classifier`, multinomial logistic regression with
+a *reference class* (logits ``[x @ w + b, 0]``: the usual ``C`` columns leave the likelihood
+invariant under adding one vector to every column, a direction in which the Fisher is zero),
+one flax ``Dense`` layer, so K-FAC applies; ``θ`` starts at 0.
 
 Bilevel problem. Hyperparameters ``λ = {"v": float[n_train]}``, all starting at
-``model.init_logit`` (default 0: ``σ = 0.5``, every example equally trusted; since flags are
+``task.init_logit`` (default 0: ``σ = 0.5``, every example equally trusted; since flags are
 ``σ(v_i) < 0.5``, nothing is flagged at the start and F1 is 0 there). The inner batch carries
 each example's index ``idx`` into ``v``::
 
     g(θ, λ) = mean_i σ(v_idx_i) · CE(θ; x_i, ỹ_i) + ½ ridge |θ|²      (ỹ: noisy labels)
     f(θ)    = mean_j CE(θ; x_j, y_j)                               (clean validation data)
 
-``ridge`` (``model.ridge``, 1e-3) keeps ``g`` strongly convex whatever ``λ`` (the exact
+``ridge`` (``task.ridge``, 1e-3) keeps ``g`` strongly convex whatever ``λ`` (the exact
 reference is a Newton solve). ``g`` is a weighted likelihood, so ``sample_weights`` returns
 ``σ(v_i)`` of the batch (NHGD rescales per-sample gradients by ``1/√σ`` for its Fisher). Note:
 the ridge's gradient ``ridge · w`` is part of every per-sample gradient, so a sample's gradient
@@ -73,32 +73,19 @@ from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
-from experiments.nhgd.task import Task
+from experiments.nhgd.task import Task, linear_classifier
 
 # --------------------------------------------------------------------------- config
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: Literal["digits", "mnist1d"] = "digits"
-    # mnist1d: examples generated (a multiple of 10); digits: a random subset (null: all 1797).
-    num_samples: int | None = field(default=None, metadata=bounds(ge=10))
-    val_fraction: float = field(default=0.2, metadata=bounds(gt=0, lt=1))
-    test_fraction: float = field(default=0.2, metadata=bounds(gt=0, lt=1))
+class TaskConfig:
+    """The hyper-cleaning task (module docstring)."""
+
     corrupt_fraction: float = field(default=0.5, metadata=bounds(ge=0, le=1))
-    batch_size: int = field(default=128, metadata=bounds(ge=1))  # inner minibatch
-    # Validation examples per outer step (drawn without replacement); null: all of them.
-    val_batch: int | None = field(default=None, metadata=bounds(ge=1))
     # Features: the top `pca` principal components of the training part, each scaled to unit
     # variance (null: the standardised raw features). See the module docstring.
     pca: int | None = field(default=32, metadata=bounds(ge=1))
-
-    def __post_init__(self):
-        common.check_fractions("data", self.val_fraction, self.test_fraction)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
     ridge: float = field(default=1e-3, metadata=bounds(gt=0))  # ½ ridge |θ|² in g
     init_logit: float = 0.0  # v_i at the start (σ(0) = 0.5)
 
@@ -107,46 +94,27 @@ class ModelConfig:
 class Config:
     experiment: Literal["nhgd_hyper_cleaning"] = "nhgd_hyper_cleaning"
     seed: int = field(default=0, metadata=bounds(ge=0))  # data, split and label noise
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    data: common.DataConfig = common.DataConfig(val_fraction=0.2, test_fraction=0.2, batch_size=128)
+    task: TaskConfig = TaskConfig()
     compare: CompareConfig = CompareConfig()
     run: RunConfig = RunConfig()
 
 
-# --------------------------------------------------------------------------- the model
+# --------------------------------------------------------------------------- the problem
 
 
-def logits(params: dict, x: jax.Array) -> jax.Array:
-    """``[x @ w + b, 0]``: ``C`` logits, the last class the reference (logit 0)."""
-    z = x @ params["w"] + params["b"][None, :]
-    return jnp.concatenate([z, jnp.zeros_like(z[:, :1])], axis=1)
-
-
-def per_sample_ce(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    logp = jax.nn.log_softmax(logits(params, x))
-    return -jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
-
-
-def inner_loss(params: dict, hparams: dict, batch: dict, ridge: float) -> jax.Array:
+def inner_loss(
+    classifier: common.Classifier, params: dict, hparams: dict, batch: dict, ridge: float
+) -> jax.Array:
     """``mean_i σ(v_idx_i) CE_i + ½ ridge |θ|²`` (module docstring)."""
     weights = jax.nn.sigmoid(hparams["v"][batch["idx"]])
-    ce = per_sample_ce(params, batch["x"], batch["y"])
-    sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
-    return jnp.mean(weights * ce) + 0.5 * ridge * sq
-
-
-def outer_loss(params: dict, hparams: dict, batch: dict) -> jax.Array:
-    del hparams
-    return jnp.mean(per_sample_ce(params, batch["x"], batch["y"]))
+    ce = classifier.nll(params, batch)
+    return jnp.mean(weights * ce) + 0.5 * ridge * common.sq_norm(params)
 
 
 def sample_weights(hparams: dict, batch: dict) -> jax.Array:
     """``σ(v_i)`` of the batch's examples: ``g`` is a likelihood weighted by them."""
     return jax.nn.sigmoid(hparams["v"][batch["idx"]])
-
-
-def accuracy(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.argmax(logits(params, x), axis=1) == y)
 
 
 def f1_score(flagged: jax.Array, corrupted: jax.Array) -> jax.Array:
@@ -165,21 +133,11 @@ def f1_score(flagged: jax.Array, corrupted: jax.Array) -> jax.Array:
 
 def load_splits(cfg: Config):
     """The standardised splits with constant features dropped (module docstring)."""
-    d = cfg.data
-    data, splits = common.load_splits(
-        "data",
-        d.name,
-        seed=cfg.seed,
-        num_samples=d.num_samples,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        batch_size=d.batch_size,
-        val_batch=d.val_batch,
-    )
+    data, splits = cfg.data.load(cfg.seed, require=("val", "test"))
     keep = np.ptp(splits.train.x, axis=0) > 0
     splits = hg.data.Splits(*(s._replace(x=s.x[:, keep]) for s in splits))
-    if d.pca is not None:
-        splits = whiten(splits, d.pca)
+    if cfg.task.pca is not None:
+        splits = whiten(splits, cfg.task.pca)
     return splits, data.num_classes
 
 
@@ -188,7 +146,7 @@ def whiten(splits, k: int):
     standardised) training part, each component scaled to unit variance there."""
     x = splits.train.x.astype(np.float64)
     if k > x.shape[1]:
-        raise ConfigError(f"data.pca: {k} > {x.shape[1]} non-constant features")
+        raise ConfigError(f"task.pca: {k} > {x.shape[1]} non-constant features")
     mean = x.mean(axis=0)
     var, vecs = np.linalg.eigh(np.cov(x - mean, rowvar=False, bias=True))
     top = np.argsort(var)[::-1][:k]
@@ -201,11 +159,11 @@ def whiten(splits, k: int):
 def make_task(cfg: Config) -> tuple[Task, np.ndarray]:
     """The hyper-cleaning :class:`~experiments.nhgd.task.Task` and the corrupted mask."""
     splits, num_classes = load_splits(cfg)
-    d, m = cfg.data, cfg.model
+    d, t = cfg.data, cfg.task
     train, val, test = (hg.data.to_batch(s) for s in splits)
     n_train, num_features = splits.train.x.shape
     noisy, corrupted = hg.data.corrupt_labels(
-        splits.train.y, d.corrupt_fraction, num_classes, cfg.seed
+        splits.train.y, t.corrupt_fraction, num_classes, cfg.seed
     )
     train = {
         "x": train["x"],
@@ -213,42 +171,36 @@ def make_task(cfg: Config) -> tuple[Task, np.ndarray]:
         "idx": jnp.arange(n_train, dtype=jnp.int32),
     }
     corrupted_arr = jnp.asarray(corrupted)
-    ridge = m.ridge
+    classifier = linear_classifier(num_classes)
+    ridge = t.ridge
     problem = hg.BilevelProblem(
-        inner_loss=lambda p, h, b: inner_loss(p, h, b, ridge), outer_loss=outer_loss
+        inner_loss=lambda p, h, b: inner_loss(classifier, p, h, b, ridge),
+        outer_loss=lambda p, h, b: classifier.loss(p, b),
     )
     dtype = train["x"].dtype
-    params = {
-        "w": jnp.zeros((num_features, num_classes - 1), dtype),
-        "b": jnp.zeros((num_classes - 1,), dtype),
-    }
-    hparams = {"v": jnp.full((n_train,), m.init_logit, dtype)}
+    params = classifier.init(jax.random.key(0), num_features, zeros=True, dtype=dtype)
+    hparams = {"v": jnp.full((n_train,), t.init_logit, dtype)}
 
     def evaluate(params, hparams):
         flagged = jax.nn.sigmoid(hparams["v"]) < 0.5
         return {
-            "val_loss": outer_loss(params, None, val),
-            "test_acc": accuracy(params, test["x"], test["y"]),
+            "val_loss": classifier.loss(params, val),
+            "test_acc": classifier.accuracy(params, test),
             "f1": f1_score(flagged, corrupted_arr),
         }
 
-    if d.val_batch is None:
-        outer_data = val
-    else:
-        val_sampler = hg.data.minibatch_sampler(val, d.val_batch)
-        outer_data = lambda key: val_sampler(key, 0)  # noqa: E731
     task = Task(
         name=f"hyper_cleaning/{d.name}",
         problem=problem,
         hparams=hparams,
         params=params,
         inner_data=hg.data.minibatch_sampler(train, d.batch_size),
-        outer_data=outer_data,
+        outer_data=common.outer_data(val, d.val_batch),
         train=train,
         val=val,
         evaluate=evaluate,
         primary="test_acc",
-        kfac_layers=(("w", "b"),),
+        kfac_layers=hg.fisher.flax_dense_layers(params),
         sample_weights=sample_weights,
     )
     return task, corrupted

@@ -6,8 +6,8 @@ methods of :mod:`hypergrad_jax.stochastic` (NHGD and its baselines); the shared 
 :mod:`experiments.nhgd.compare` runs them all and writes the comparison table and the
 time-to-target plots.
 
-Data. ``task.dataset`` (sklearn's ``breast_cancer``, 569 × 30, 2 classes, by default, or
-``digits``, 1797 × 64, 10 classes) split once (``task.seed``) into train / validation / test,
+Data. ``data.name`` (sklearn's ``breast_cancer``, 569 × 30, 2 classes, by default, or
+``digits``, 1797 × 64, 10 classes) split once (``seed``) into train / validation / test,
 every feature standardised with the training part's statistics (``hg.data.split``).
 Features constant on the training part (digits' always-blank border pixels) are dropped:
 their weight is 0 at every ``θ*`` and their ``λ_j`` would get a zero hypergradient, while
@@ -15,13 +15,9 @@ their inner curvature ``exp(λ_j)`` is invisible to the empirical Fisher (see th
 Digits' *rare* pixels (non-blank on a few training images) remain and give near-null
 directions of the Fisher; breast_cancer's 30 continuous features have none.
 
-Model: a multinomial logistic regression with a *reference class*: ``params = {"w": [d, C−1],
-"b": [C−1]}`` and logits ``[x @ w + b, 0]`` (class ``C−1`` has logit 0; for two classes this
-is exactly binary logistic regression with ``w: [d, 1]``). The usual ``C`` columns would leave
-the likelihood invariant under adding one vector to every column: a direction in which the
-inner Hessian is only the ridge floor and the empirical Fisher is (almost) zero, so NHGD's
-Fisher inverse would blow up there. With a reference class the likelihood is identifiable.
-``params`` is a dict of one dense layer ``x @ w + b``, so K-FAC (``kfac_layers``) applies.
+Model: :func:`experiments.nhgd.task.linear_classifier`, multinomial logistic regression with
+a *reference class* (logits ``[x @ w + b, 0]``, ``w: [d, C−1]``; for two classes exactly
+binary logistic regression), one flax ``Dense`` layer, so K-FAC applies; ``θ`` starts at 0.
 
 Inner problem (strongly convex in ``θ = (w, b)``; mean over the batch's samples)::
 
@@ -29,7 +25,7 @@ Inner problem (strongly convex in ``θ = (w, b)``; mean over the batch's samples
 
 ``ridge`` (``task.ridge``, 1e-4) is a floor that keeps ``g`` strongly convex whatever ``λ``
 (and covers the bias, which ``λ`` does not penalise). Outer problem: the validation NLL
-(mean cross-entropy) ``f(θ)``, on a minibatch of ``task.val_batch`` validation examples per
+(mean cross-entropy) ``f(θ)``, on a minibatch of ``data.val_batch`` validation examples per
 outer step (all of them if null); ``evaluate``'s ``val_loss`` is ``f`` on the whole validation
 split, the exact hypergradient's outer data. ``λ`` starts at ``log(task.init_l2)`` for every
 feature; ``θ`` at zero.
@@ -75,7 +71,7 @@ from experiments.common import RunConfig
 from experiments.config import bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
-from experiments.nhgd.task import Task
+from experiments.nhgd.task import Task, linear_classifier
 
 # --------------------------------------------------------------------------- config
 
@@ -84,150 +80,75 @@ from experiments.nhgd.task import Task
 class TaskConfig:
     """The regularization task (module docstring)."""
 
-    dataset: Literal["breast_cancer", "digits"] = "breast_cancer"
-    # Keep a random subset of this many examples (null: all of them).
-    num_samples: int | None = field(default=None, metadata=bounds(ge=10))
-    val_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
-    test_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
-    seed: int = field(default=0, metadata=bounds(ge=0))  # subset and split
-    batch_size: int = field(default=32, metadata=bounds(ge=1))  # inner minibatch
-    # Validation examples per outer step (drawn without replacement); null: all.
-    val_batch: int | None = field(default=None, metadata=bounds(ge=1))
     init_l2: float = field(default=0.01, metadata=bounds(gt=0))  # λ_0 = log(init_l2)
     ridge: float = field(default=1e-4, metadata=bounds(gt=0))  # strong-convexity floor
-
-    def __post_init__(self):
-        common.check_fractions("task", self.val_fraction, self.test_fraction)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     experiment: Literal["nhgd_regularization"] = "nhgd_regularization"
+    seed: int = field(default=0, metadata=bounds(ge=0))  # subset and split
+    data: common.DataConfig = common.DataConfig(name="breast_cancer", batch_size=32)
     task: TaskConfig = TaskConfig()
     compare: CompareConfig = CompareConfig()
     run: RunConfig = RunConfig()
 
 
-# --------------------------------------------------------------------------- the model
+# --------------------------------------------------------------------------- the problem
 
 
-def init_linear(num_features: int, num_classes: int, dtype=jnp.float32) -> dict:
-    """Zero ``{"w": [d, C−1], "b": [C−1]}``: a linear classifier with a reference class."""
-    return {
-        "w": jnp.zeros((num_features, num_classes - 1), dtype),
-        "b": jnp.zeros((num_classes - 1,), dtype),
-    }
-
-
-def linear_logits(params: dict, x: jax.Array) -> jax.Array:
-    """``[x @ w + b, 0]``: ``C`` logits, the last class the reference (logit 0)."""
-    z = x @ params["w"] + params["b"][None, :]
-    return jnp.concatenate([z, jnp.zeros_like(z[:, :1])], axis=1)
-
-
-def nll(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean cross-entropy of the labels ``y`` under :func:`linear_logits`."""
-    logp = jax.nn.log_softmax(linear_logits(params, x))
-    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
-
-
-def accuracy(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean(jnp.argmax(linear_logits(params, x), axis=1) == y)
-
-
-def sq_norm(tree) -> jax.Array:
-    return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
-
-
-def inner_loss(params: dict, hparams: jax.Array, batch: dict, ridge: float) -> jax.Array:
+def inner_loss(
+    classifier: common.Classifier, params: dict, hparams: jax.Array, batch: dict, ridge: float
+) -> jax.Array:
     """``mean NLL + ½ Σ_j exp(λ_j) Σ_c w_jc² + ½ ridge |θ|²``."""
-    penalty = jnp.sum(jnp.exp(hparams)[:, None] * jnp.square(params["w"]))
-    return nll(params, batch["x"], batch["y"]) + 0.5 * penalty + 0.5 * ridge * sq_norm(params)
-
-
-def outer_loss(params: dict, hparams: jax.Array, batch: dict) -> jax.Array:
-    del hparams
-    return nll(params, batch["x"], batch["y"])
-
-
-@jax.tree_util.register_pytree_node_class
-class KeySampler:
-    """``key -> batch``: a :class:`hg.data.Sampler`'s minibatch for ``(key, 0)``. A pytree
-    whose leaves are the data, so the runner passes it to its jitted programs as an argument
-    instead of embedding the data as constants (what a closure would do)."""
-
-    def __init__(self, sampler: hg.data.Sampler):
-        self.sampler = sampler
-
-    def __call__(self, key: jax.Array) -> dict:
-        return self.sampler(key, 0)
-
-    def tree_flatten(self):
-        return (self.sampler,), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(children[0])
-
-
-def outer_sampler(val: dict, val_batch: int | None):
-    """The outer data: the whole validation batch, or ``key -> minibatch`` of it."""
-    if val_batch is None:
-        return val
-    return KeySampler(hg.data.minibatch_sampler(val, val_batch))
+    w = params["Dense_0"]["kernel"]
+    penalty = jnp.sum(jnp.exp(hparams)[:, None] * jnp.square(w))
+    return classifier.loss(params, batch) + 0.5 * penalty + 0.5 * ridge * common.sq_norm(params)
 
 
 # --------------------------------------------------------------------------- the task
 
 
-def make_task(cfg: TaskConfig) -> Task:
+def make_task(cfg: Config) -> Task:
     """The regularization :class:`~experiments.nhgd.task.Task` (module docstring)."""
-    data, splits = common.load_splits(
-        "task",
-        cfg.dataset,
-        seed=cfg.seed,
-        num_samples=cfg.num_samples,
-        val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction,
-        batch_size=cfg.batch_size,
-        val_batch=cfg.val_batch,
-    )
+    data, splits = cfg.data.load(cfg.seed, require=("val", "test"))
     keep = np.ptp(splits.train.x, axis=0) > 0  # drop features constant on the training part
     train, val, test = (hg.data.to_batch(s._replace(x=s.x[:, keep])) for s in splits)
     num_features, num_classes = int(keep.sum()), data.num_classes
 
-    ridge = cfg.ridge
+    classifier = linear_classifier(num_classes)
+    ridge = cfg.task.ridge
     problem = hg.BilevelProblem(
-        inner_loss=lambda p, h, b: inner_loss(p, h, b, ridge), outer_loss=outer_loss
+        inner_loss=lambda p, h, b: inner_loss(classifier, p, h, b, ridge),
+        outer_loss=lambda p, h, b: classifier.loss(p, b),
     )
-    hparams = jnp.full((num_features,), math.log(cfg.init_l2), jnp.float32)
-    params = init_linear(num_features, num_classes)
+    hparams = jnp.full((num_features,), math.log(cfg.task.init_l2), jnp.float32)
+    params = classifier.init(jax.random.key(0), num_features, zeros=True, dtype=jnp.float32)
 
     def evaluate(params, hparams):
         del hparams
         return {
-            "val_loss": nll(params, val["x"], val["y"]),
-            "val_acc": accuracy(params, val["x"], val["y"]),
-            "test_loss": nll(params, test["x"], test["y"]),
-            "test_acc": accuracy(params, test["x"], test["y"]),
-            "train_loss": nll(params, train["x"], train["y"]),
+            "val_loss": classifier.loss(params, val),
+            "val_acc": classifier.accuracy(params, val),
+            "test_loss": classifier.loss(params, test),
+            "test_acc": classifier.accuracy(params, test),
+            "train_loss": classifier.loss(params, train),
         }
 
     return Task(
-        name=f"regularization/{cfg.dataset}",
+        name=f"regularization/{cfg.data.name}",
         problem=problem,
         hparams=hparams,
         params=params,
-        inner_data=hg.data.minibatch_sampler(train, cfg.batch_size),
-        outer_data=outer_sampler(val, cfg.val_batch),
+        inner_data=hg.data.minibatch_sampler(train, cfg.data.batch_size),
+        outer_data=common.outer_data(val, cfg.data.val_batch),
         train=train,
         val=val,
         evaluate=evaluate,
         primary="test_acc",
-        kfac_layers=(("w", "b"),),
+        kfac_layers=hg.fisher.flax_dense_layers(params),
     )
 
 
 def build(cfg: Config) -> Experiment:
-    return build_comparison(make_task(cfg.task), cfg.compare, cfg.run)
+    return build_comparison(make_task(cfg), cfg.compare, cfg.run)

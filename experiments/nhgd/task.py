@@ -1,4 +1,5 @@
-"""What a comparison task provides to the NHGD comparison runner (``compare.py``)."""
+"""What a comparison task provides to the NHGD comparison runner (``compare.py``), and the
+model the three tasks share."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import hypergrad_jax as hg
+from experiments import common
 
 PyTree = Any
 
@@ -43,3 +45,13 @@ class Task(NamedTuple):
     primary: str
     kfac_layers: tuple
     sample_weights: Callable | None = None
+
+
+def linear_classifier(num_classes: int) -> common.Classifier:
+    """The tasks' model: multinomial logistic regression with a reference class (logits
+    ``[x @ w + b, 0]``; for two classes exactly binary logistic regression). The usual ``C``
+    columns would leave the likelihood invariant under adding one vector to every column: a
+    direction in which the inner Hessian is only the ridge floor and the empirical Fisher is
+    (almost) zero, so NHGD's Fisher inverse would blow up there. ``params`` is one flax
+    ``Dense`` layer (``{"Dense_0": {"kernel", "bias"}}``), so K-FAC applies."""
+    return common.Classifier(common.MLP(num_classes, reference_class=True))

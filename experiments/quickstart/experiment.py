@@ -26,23 +26,6 @@ from experiments.harness import Experiment
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: Literal["digits", "breast_cancer", "mnist1d"] = "digits"
-    num_samples: int | None = field(default=None, metadata=bounds(ge=10))
-    val_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
-    test_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
-    batch_size: int = field(default=64, metadata=bounds(ge=1))
-
-    def __post_init__(self):
-        common.check_fractions("data", self.val_fraction, self.test_fraction)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    hidden: tuple[int, ...] = field(default=(64,), metadata=bounds(ge=1))
-
-
-@dataclasses.dataclass(frozen=True)
 class InnerConfig:
     num_steps: int = field(default=400, metadata=bounds(ge=1))
     momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))
@@ -73,8 +56,8 @@ class EvalConfig:
 class Config:
     experiment: Literal["quickstart"] = "quickstart"
     seed: int = field(default=0, metadata=bounds(ge=0))
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    data: common.DataConfig = common.DataConfig()
+    model: common.ModelConfig = common.ModelConfig()
     inner: InnerConfig = InnerConfig()
     hparams: HparamConfig = HparamConfig()
     outer: OuterConfig = OuterConfig()
@@ -96,30 +79,19 @@ def optimizer_hparams(momentum: float):
 
 
 def build(cfg: Config) -> Experiment:
-    d = cfg.data
-    data, splits = common.load_splits(
-        "data",
-        d.name,
-        seed=cfg.seed,
-        num_samples=d.num_samples,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        batch_size=d.batch_size,
-    )
+    data, splits = cfg.data.load(cfg.seed, require=("val", "test"))
     train, val, test = (hg.data.to_batch(s) for s in splits)
+    outer_data = common.outer_data(val, cfg.data.val_batch)
     sampler = hg.data.minibatch_sampler(train, cfg.data.batch_size)
-    sizes = (int(np.prod(data.x.shape[1:])), *cfg.model.hidden, data.num_classes)
-    problem = hg.BilevelProblem(
-        inner_loss=lambda p, h, b: common.cross_entropy(p, b),
-        outer_loss=lambda p, h, b: common.cross_entropy(p, b),
-    )
-    problem = common.maybe_data_parallel(problem, cfg.run)
+    classifier = common.Classifier(common.MLP(data.num_classes, cfg.model.hidden))
+    num_features = int(np.prod(data.x.shape[1:]))
+    problem = common.maybe_data_parallel(classifier.problem(), cfg.run)
     run = hg.InnerRun(
         hg.optim.sgd_momentum(clip=cfg.inner.clip),
         cfg.inner.num_steps,
         optimizer_hparams(cfg.inner.momentum),
     )
-    reinit = lambda key: common.init_mlp(key, sizes)
+    reinit = lambda key: classifier.init(key, num_features)
     estimator = common.make_estimator(cfg.outer.estimator)
     optimizer = common.make_outer_optimizer(cfg.outer.optimizer, cfg.outer.lr)
     hparams0 = {
@@ -134,7 +106,7 @@ def build(cfg: Config) -> Experiment:
     @jax.jit
     def step(state):
         new, m = hg.outer.step(
-            problem, run, estimator, optimizer, state, sampler, val, reinit=reinit
+            problem, run, estimator, optimizer, state, sampler, outer_data, reinit=reinit
         )
         # One metrics line describes one inner run: the hyperparameters it trained with, next
         # to the outer loss it reached (both before this step's update).
@@ -149,9 +121,9 @@ def build(cfg: Config) -> Experiment:
         k_init, k_data = jax.random.split(jax.random.key(seed))
         params = hg.solve(problem, run, hg.Unrolled(), hparams, reinit(k_init), sampler, key=k_data)
         return {
-            "val_accuracy": common.accuracy(params, val),
-            "test_accuracy": common.accuracy(params, test),
-            "val_loss": common.cross_entropy(params, val),
+            "val_accuracy": classifier.accuracy(params, val),
+            "test_accuracy": classifier.accuracy(params, test),
+            "val_loss": classifier.loss(params, val),
         }
 
     def finish(state, rundir):
