@@ -44,6 +44,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the experiments package, when run as a script
@@ -52,7 +53,6 @@ import hypergrad_jax as hg  # noqa: E402
 from benchmarks.estimators import machine  # noqa: E402
 from hypergrad_jax import stochastic as st  # noqa: E402
 from hypergrad_jax.fisher import DenseFisher, KFACFisher  # noqa: E402
-from hypergrad_jax.linalg import tree_axpy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,7 +88,7 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
         def sgd_only(params, m=method):
             def body(p, t):
                 grad, _ = m.samples(problem, hparams, p, hg.data.batch_at(sampler, key, t))
-                return tree_axpy(-lr, grad, p), None
+                return optax.tree.add_scale(p, -lr, grad), None
 
             return jax.lax.scan(body, params, steps)[0]
 

@@ -31,6 +31,8 @@ EXPERIMENTS = {
     "nhgd_hyper_cleaning": "experiments.nhgd.hyper_cleaning",
     "nhgd_regularization": "experiments.nhgd.regularization",
     "nhgd_distillation": "experiments.nhgd.distillation",
+    "hpm_synthetic": "experiments.hpm.synthetic",
+    "hpm_digits": "experiments.hpm.digits",
 }
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "quickstart.yaml"

@@ -178,13 +178,35 @@ class MLP(nn.Module):
     reference_class: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for width in self.hidden:
+    def __call__(self, x: jax.Array, dropout=None, key=None) -> jax.Array:
+        """Logits of ``x``; ``dropout``: a drop rate for the input of every ``Dense`` layer
+        (``len(hidden) + 1`` of them), applied by :func:`concrete_dropout` with ``key``."""
+        keys = (
+            [None] * (len(self.hidden) + 1)
+            if dropout is None
+            else jax.random.split(key, len(dropout))
+        )
+        for i, width in enumerate(self.hidden):
+            x = x if dropout is None else concrete_dropout(keys[i], x, dropout[i])
             x = jnp.tanh(nn.Dense(width)(x))
+        x = x if dropout is None else concrete_dropout(keys[-1], x, dropout[-1])
         z = nn.Dense(self.num_classes - self.reference_class)(x)
         if self.reference_class:
             z = jnp.concatenate([z, jnp.zeros_like(z[:, :1])], axis=1)
         return z
+
+
+def concrete_dropout(key: jax.Array, x: jax.Array, rate, temperature: float = 0.1) -> jax.Array:
+    """Dropout with a relaxed Bernoulli mask (Gal, Hron & Kendall 2017, "Concrete Dropout"),
+    differentiable in the drop rate ``p``: ``z = σ((logit p + logit u) / temperature)``,
+    ``u ~ U(0, 1)``, and ``x (1 − z) / (1 − p)``. As ``temperature → 0`` the mask becomes
+    Bernoulli(``p``) dropout."""
+    eps = 1e-7
+    u = jax.random.uniform(key, x.shape, x.dtype, eps, 1 - eps)
+    rate = jnp.clip(rate, eps, 1 - eps)
+    logit = jnp.log(rate) - jnp.log1p(-rate) + jnp.log(u) - jnp.log1p(-u)
+    drop = jax.nn.sigmoid(logit / temperature)
+    return x * (1 - drop) / (1 - rate)
 
 
 class Classifier(NamedTuple):

@@ -28,7 +28,13 @@ class SolveInfo(NamedTuple):
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """``Σ <a_i, b_i>`` over leaves, accumulated in at least float32."""
+    """``Σ <a_i, b_i>`` over leaves, accumulated in at least float32.
+
+    The solvers' tree arithmetic (this, :func:`tree_axpy`, :func:`tree_norm`) is their own
+    rather than ``optax.tree``'s for dtypes: ``optax.tree.vdot`` accumulates bfloat16 leaves
+    in bfloat16 (CG's ``rᵀr`` then loses the residual), and ``optax.tree.add_scale`` promotes
+    a leaf to the scalar's dtype where the iterates must keep theirs. Elsewhere the library
+    uses ``optax.tree``."""
     return sum(jnp.vdot(_wide(x), _wide(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 

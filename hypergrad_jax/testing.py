@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from hypergrad_jax import linalg, optim
@@ -316,4 +317,4 @@ def implicit_hypergradient(problem, hparams, params, inner_batch, outer_batch, n
     f_theta, f_hparams = jax.grad(problem.outer_loss, argnums=(0, 1))(theta, hparams, outer_batch)
     v = unravel(jnp.linalg.solve(jax.hessian(loss)(flat), ravel_pytree(f_theta)[0]))
     _, vjp = jax.vjp(lambda h: jax.grad(problem.inner_loss)(theta, h, inner_batch), hparams)
-    return linalg.tree_axpy(-1.0, vjp(v)[0], f_hparams), theta
+    return optax.tree.sub(f_hparams, vjp(v)[0]), theta

@@ -9,6 +9,7 @@ slow (compiling one program per method variant dominates it).
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +40,6 @@ def _f64(tree):
     )
 
 
-def _finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
-
-
 def test_task_contract_and_finite_losses(task):
     problem = task.problem
     # one flax Dense layer, K-FAC's single block: it covers every leaf
@@ -68,7 +65,7 @@ def test_task_contract_and_finite_losses(task):
         }
 
     v = values(jax.random.key(0))
-    assert _finite(v)
+    chex.assert_tree_all_finite(v)
     assert {"val_loss", task.primary} <= set(v["metrics"])
     # val_loss is the outer objective on the whole validation data.
     np.testing.assert_allclose(v["metrics"]["val_loss"], v["val"], rtol=1e-6)
@@ -161,7 +158,7 @@ def test_one_nhgd_and_one_soba_step_run(task):
         state, new, metrics = two_steps(jax.random.key(0))
         grad = metrics.grad
         assert jax.tree.structure(grad) == jax.tree.structure(task.hparams), name
-        assert _finite((grad, new.hparams, new.params, metrics.outer_loss)), name
+        chex.assert_tree_all_finite((grad, new.hparams, new.params, metrics.outer_loss))
         assert int(metrics.status) == hg.Status.OK and float(metrics.inner_residual) > 0, name
         assert float(jnp.max(jnp.abs(ravel_pytree(grad)[0]))) > 0, name
         assert not np.array_equal(new.hparams, state.hparams), name

@@ -187,7 +187,7 @@ def test_adam_without_eps_root_is_reported_not_silent(getkey):
         problem, run, hg.Unrolled(), hparams, params0, data, data, throw=True
     )
     assert int(info.status) == hg.Status.OK
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+    chex.assert_tree_all_finite(g)
 
 
 def test_bf16_params_with_float32_hyperparameters(getkey):

@@ -62,7 +62,7 @@ from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
-from experiments.nhgd.task import Task, linear_classifier
+from experiments.nhgd.task import Task, linear_task
 
 # --------------------------------------------------------------------------- config
 
@@ -149,35 +149,26 @@ def make_task(cfg: Config) -> Task:
         t.init_noise,
     )
     train = {"idx": jnp.arange(num_images, dtype=jnp.int32), "y": labels}
-    classifier = linear_classifier(num_classes)
     ridge = t.ridge
-    problem = hg.BilevelProblem(
-        inner_loss=lambda p, h, b: inner_loss(classifier, p, h, b, ridge),
-        outer_loss=lambda p, h, b: classifier.loss(p, b),
-    )
-    params = classifier.init(jax.random.key(0), num_features, zeros=True, dtype=jnp.float32)
 
-    def evaluate(params, hparams):
+    def metrics(classifier, params, hparams):
         del hparams
         return {
-            "val_loss": classifier.loss(params, real),
             "train_acc": classifier.accuracy(params, real),
             "test_loss": classifier.loss(params, test),
             "test_acc": classifier.accuracy(params, test),
         }
 
-    return Task(
-        name=f"distillation/{d.name}",
-        problem=problem,
-        hparams=images,
-        params=params,
-        inner_data=hg.data.minibatch_sampler(train, d.batch_size),
-        outer_data=common.outer_data(real, d.val_batch),
-        train=train,
-        val=real,
-        evaluate=evaluate,
-        primary="test_acc",
-        kfac_layers=hg.fisher.flax_dense_layers(params),
+    return linear_task(
+        f"distillation/{d.name}",
+        d,
+        num_features,
+        num_classes,
+        lambda c, p, h, b: inner_loss(c, p, h, b, ridge),
+        images,
+        train,
+        real,
+        metrics,
     )
 
 

@@ -73,7 +73,7 @@ from experiments.common import RunConfig
 from experiments.config import ConfigError, bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
-from experiments.nhgd.task import Task, linear_classifier
+from experiments.nhgd.task import Task, linear_task
 
 # --------------------------------------------------------------------------- config
 
@@ -171,37 +171,28 @@ def make_task(cfg: Config) -> tuple[Task, np.ndarray]:
         "idx": jnp.arange(n_train, dtype=jnp.int32),
     }
     corrupted_arr = jnp.asarray(corrupted)
-    classifier = linear_classifier(num_classes)
-    ridge = t.ridge
-    problem = hg.BilevelProblem(
-        inner_loss=lambda p, h, b: inner_loss(classifier, p, h, b, ridge),
-        outer_loss=lambda p, h, b: classifier.loss(p, b),
-    )
-    dtype = train["x"].dtype
-    params = classifier.init(jax.random.key(0), num_features, zeros=True, dtype=dtype)
+    ridge, dtype = t.ridge, train["x"].dtype
     hparams = {"v": jnp.full((n_train,), t.init_logit, dtype)}
 
-    def evaluate(params, hparams):
+    def metrics(classifier, params, hparams):
         flagged = jax.nn.sigmoid(hparams["v"]) < 0.5
         return {
-            "val_loss": classifier.loss(params, val),
             "test_acc": classifier.accuracy(params, test),
             "f1": f1_score(flagged, corrupted_arr),
         }
 
-    task = Task(
-        name=f"hyper_cleaning/{d.name}",
-        problem=problem,
-        hparams=hparams,
-        params=params,
-        inner_data=hg.data.minibatch_sampler(train, d.batch_size),
-        outer_data=common.outer_data(val, d.val_batch),
-        train=train,
-        val=val,
-        evaluate=evaluate,
-        primary="test_acc",
-        kfac_layers=hg.fisher.flax_dense_layers(params),
+    task = linear_task(
+        f"hyper_cleaning/{d.name}",
+        d,
+        num_features,
+        num_classes,
+        lambda c, p, h, b: inner_loss(c, p, h, b, ridge),
+        hparams,
+        train,
+        val,
+        metrics,
         sample_weights=sample_weights,
+        dtype=dtype,
     )
     return task, corrupted
 

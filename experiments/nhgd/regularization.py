@@ -71,7 +71,7 @@ from experiments.common import RunConfig
 from experiments.config import bounds
 from experiments.harness import Experiment
 from experiments.nhgd.compare import CompareConfig, build_comparison
-from experiments.nhgd.task import Task, linear_classifier
+from experiments.nhgd.task import Task, linear_task
 
 # --------------------------------------------------------------------------- config
 
@@ -116,37 +116,28 @@ def make_task(cfg: Config) -> Task:
     train, val, test = (hg.data.to_batch(s._replace(x=s.x[:, keep])) for s in splits)
     num_features, num_classes = int(keep.sum()), data.num_classes
 
-    classifier = linear_classifier(num_classes)
     ridge = cfg.task.ridge
-    problem = hg.BilevelProblem(
-        inner_loss=lambda p, h, b: inner_loss(classifier, p, h, b, ridge),
-        outer_loss=lambda p, h, b: classifier.loss(p, b),
-    )
     hparams = jnp.full((num_features,), math.log(cfg.task.init_l2), jnp.float32)
-    params = classifier.init(jax.random.key(0), num_features, zeros=True, dtype=jnp.float32)
 
-    def evaluate(params, hparams):
+    def metrics(classifier, params, hparams):
         del hparams
         return {
-            "val_loss": classifier.loss(params, val),
             "val_acc": classifier.accuracy(params, val),
             "test_loss": classifier.loss(params, test),
             "test_acc": classifier.accuracy(params, test),
             "train_loss": classifier.loss(params, train),
         }
 
-    return Task(
-        name=f"regularization/{cfg.data.name}",
-        problem=problem,
-        hparams=hparams,
-        params=params,
-        inner_data=hg.data.minibatch_sampler(train, cfg.data.batch_size),
-        outer_data=common.outer_data(val, cfg.data.val_batch),
-        train=train,
-        val=val,
-        evaluate=evaluate,
-        primary="test_acc",
-        kfac_layers=hg.fisher.flax_dense_layers(params),
+    return linear_task(
+        f"regularization/{cfg.data.name}",
+        cfg.data,
+        num_features,
+        num_classes,
+        lambda c, p, h, b: inner_loss(c, p, h, b, ridge),
+        hparams,
+        train,
+        val,
+        metrics,
     )
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 import hypergrad_jax as hg
 from experiments import common
 
@@ -55,3 +58,48 @@ def linear_classifier(num_classes: int) -> common.Classifier:
     (almost) zero, so NHGD's Fisher inverse would blow up there. ``params`` is one flax
     ``Dense`` layer (``{"Dense_0": {"kernel", "bias"}}``), so K-FAC applies."""
     return common.Classifier(common.MLP(num_classes, reference_class=True))
+
+
+def linear_task(
+    name: str,
+    data: common.DataConfig,
+    num_features: int,
+    num_classes: int,
+    inner_loss: Callable,
+    hparams: PyTree,
+    train: PyTree,
+    val: PyTree,
+    metrics: Callable,
+    *,
+    sample_weights: Callable | None = None,
+    dtype=jnp.float32,
+) -> Task:
+    """A :class:`Task` on :func:`linear_classifier` (``θ`` starts at 0): the inner loss
+    ``inner_loss(classifier, params, hparams, batch)`` on minibatches of ``data.batch_size``
+    of ``train``, the outer loss the mean cross-entropy on ``val`` (a minibatch of
+    ``data.val_batch`` per outer step, or all of it); ``evaluate`` reports ``val_loss`` and
+    ``metrics(classifier, params, hparams)``, ``test_acc`` the primary metric."""
+    classifier = linear_classifier(num_classes)
+    problem = hg.BilevelProblem(
+        inner_loss=lambda p, h, b: inner_loss(classifier, p, h, b),
+        outer_loss=lambda p, h, b: classifier.loss(p, b),
+    )
+    params = classifier.init(jax.random.key(0), num_features, zeros=True, dtype=dtype)
+
+    def evaluate(params, hparams):
+        return {"val_loss": classifier.loss(params, val), **metrics(classifier, params, hparams)}
+
+    return Task(
+        name=name,
+        problem=problem,
+        hparams=hparams,
+        params=params,
+        inner_data=hg.data.minibatch_sampler(train, data.batch_size),
+        outer_data=common.outer_data(val, data.val_batch),
+        train=train,
+        val=val,
+        evaluate=evaluate,
+        primary="test_acc",
+        kfac_layers=hg.fisher.flax_dense_layers(params),
+        sample_weights=sample_weights,
+    )

@@ -30,8 +30,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.extend
 import jax.numpy as jnp
+import optax
 
-from hypergrad_jax.linalg import CG, damped, tree_axpy
+from hypergrad_jax.linalg import CG, damped
 from hypergrad_jax.problem import init_state, initial_params, optimality_batch, run_steps
 from hypergrad_jax.static import typed
 
@@ -140,5 +141,5 @@ class Implicit(NamedTuple):
             has_aux=True,
         )
         _, mixed_vjp = jax.vjp(lambda h: grad_fn(theta, h, batch), hparams)
-        g = tree_axpy(-1.0, mixed_vjp(v)[0], f_hparams)
+        g = optax.tree.sub(f_hparams, mixed_vjp(v)[0])
         return g, value, theta, solve_info, v

@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from hypergrad_jax import linalg
 from hypergrad_jax.data import batch_at
-from hypergrad_jax.linalg import tree_axpy
 from hypergrad_jax.problem import init_state, optimizer_update
 from hypergrad_jax.static import typed
 from hypergrad_jax.stochastic.common import (
@@ -64,8 +64,8 @@ class StochasticNeumann(NamedTuple):
 
         def term(carry, j):
             p, total = carry
-            p = tree_axpy(-self.eta, hvp(p, j), p)
-            return (p, tree_axpy(1.0, p, total)), None
+            p = optax.tree.add_scale(p, -self.eta, hvp(p, j))
+            return (p, optax.tree.add(p, total)), None
 
         steps = jnp.arange(self.steps - 1, dtype=jnp.int32)
         _, total = jax.lax.scan(term, (b, b), steps)[0]
@@ -89,7 +89,7 @@ class StochasticSGD(NamedTuple):
         v = jax.tree.map(jnp.zeros_like, b) if x0 is None else x0
 
         def step(v, j):
-            return tree_axpy(-self.lr, tree_axpy(-1.0, b, hvp(v, j)), v), None
+            return optax.tree.add_scale(v, -self.lr, optax.tree.sub(hvp(v, j), b)), None
 
         steps = jnp.arange(self.steps, dtype=jnp.int32)
         return jax.lax.scan(step, v, steps)[0], self.steps
@@ -200,8 +200,8 @@ class SOBA(NamedTuple):
         batch = batch_at(inner_data, k_inner, state.step)
         g, vjp = jax.vjp(lambda p, h: jax.grad(problem.inner_loss)(p, h, batch), params, hparams)
         hv, mixed = vjp(v)  # H is symmetric: the VJP in θ is H v
-        grad = tree_axpy(-1.0, mixed, f_hparams)
+        grad = optax.tree.sub(f_hparams, mixed)
         params = optimizer_update(run, hparams, g, inner, jnp.int32(0)).params
-        v = tree_axpy(-self.linear_lr, tree_axpy(-1.0, f_theta, hv), v)
-        stats = Stats(value, linalg.tree_norm(g), oracles(grads=1, hvps=1))
+        v = optax.tree.add_scale(v, -self.linear_lr, optax.tree.sub(hv, f_theta))
+        stats = Stats(value, optax.tree.norm(g), oracles(grads=1, hvps=1))
         return State(params, v, (), state.step + 1), grad, stats

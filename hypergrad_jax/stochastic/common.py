@@ -8,9 +8,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from hypergrad_jax import linalg
-from hypergrad_jax.linalg import tree_axpy
 from hypergrad_jax.problem import InnerRun, init_state, run_steps
 
 PyTree = Any
@@ -100,7 +100,7 @@ def mixed_hypergradient(problem, params, hparams, batch, v, f_hparams):
     """``(∇_λ f − ∂²_{λθ} g · v, ||∇_θ g||)``: one mixed product (a VJP of ``λ -> ∇_θ g``),
     whose primal output gives the inner residual on ``batch`` for free."""
     g, vjp = jax.vjp(lambda h: jax.grad(problem.inner_loss)(params, h, batch), hparams)
-    return tree_axpy(-1.0, vjp(v)[0], f_hparams), linalg.tree_norm(g)
+    return optax.tree.sub(f_hparams, vjp(v)[0]), optax.tree.norm(g)
 
 
 def inner_loop(problem, run: InnerRun, hparams, params, inner_data, key):
