@@ -86,3 +86,24 @@ def tiny_config(experiment: str, preset: str | None = "tiny", **sets):
     path = cli.find_config(experiment)
     data = cfg_lib.resolve(cfg_lib.load_yaml(path), str(path), preset, list(sets.items()))
     return cli.load_config(data, str(path))[1]
+
+
+def run_cli(out, *args) -> tuple[int, str, str]:
+    """``hypergrad run *args --out out`` in this process: ``(exit code, stdout, stderr)``."""
+    import contextlib
+    import io
+
+    from experiments import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(["run", *args, "--out", str(out)])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def run_tiny(experiment: str, out):
+    """One ``hypergrad run <experiment> --tiny`` into the empty folder ``out``: ``(exit
+    code, run directory, typed config, stdout, stderr)``."""
+    code, stdout, stderr = run_cli(out, experiment, "--tiny")
+    (run,) = out.iterdir()
+    return code, run, tiny_config(experiment), stdout, stderr

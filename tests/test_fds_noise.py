@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import problems
 import pytest
 
 import hypergrad_jax as hg
@@ -22,18 +23,8 @@ MODULE = "experiments.fds.noise"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """One tiny run through ``hypergrad run fds_noise --tiny`` (the registry entry is
-    patched in, so this does not depend on experiments/cli.py listing it)."""
-    out = tmp_path_factory.mktemp("fds_noise")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(cli.EXPERIMENTS, "fds_noise", MODULE)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = cli.main(["run", "fds_noise", "--tiny", "--out", str(out)])
-    (run,) = out.iterdir()
-    data = cfg_lib.resolve(cfg_lib.load_yaml(cli.find_config("fds_noise")), "fds_noise", "tiny")
-    config = cfg_lib.from_dict(noise.Config, data)
-    return code, run, config, stdout.getvalue(), stderr.getvalue()
+    """One tiny run through ``hypergrad run fds_noise --tiny``."""
+    return problems.run_tiny("fds_noise", tmp_path_factory.mktemp("fds_noise"))
 
 
 def test_tiny_run_end_to_end(tiny):

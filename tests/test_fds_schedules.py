@@ -9,6 +9,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import problems
 import pytest
 
 import hypergrad_jax as hg
@@ -22,20 +23,8 @@ MODULE = "experiments.fds.schedules"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """One tiny run through ``hypergrad run fds_schedules --tiny`` (the registry entry is
-    patched in, so this does not depend on experiments/cli.py listing it)."""
-    out = tmp_path_factory.mktemp("fds_schedules")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(cli.EXPERIMENTS, "fds_schedules", MODULE)
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = cli.main(["run", "fds_schedules", "--tiny", "--out", str(out)])
-    (run,) = out.iterdir()
-    data = cfg_lib.resolve(
-        cfg_lib.load_yaml(cli.find_config("fds_schedules")), "fds_schedules", "tiny"
-    )
-    config = cfg_lib.from_dict(schedules.Config, data)
-    return code, run, config, stdout.getvalue(), stderr.getvalue()
+    """One tiny run through ``hypergrad run fds_schedules --tiny``."""
+    return problems.run_tiny("fds_schedules", tmp_path_factory.mktemp("fds_schedules"))
 
 
 def test_tiny_run_end_to_end(tiny):

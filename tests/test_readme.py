@@ -27,7 +27,7 @@ def test_readme_python_blocks_run():
     flax_name, _, flax_status = lines[6].split()  # the flax inner model
     assert flax_name == "flax" and flax_status == "0"
     assert float(lines[7]) <= 1e-6  # check_hypergradient's relative error
-    stochastic = [line.split() for line in lines[8:]]
+    stochastic = [line.split() for line in lines[8:14]]
     assert [row[0] for row in stochastic] == [
         "NHGD",
         "NHGD",
@@ -37,3 +37,5 @@ def test_readme_python_blocks_run():
         "SolveAfter",
     ]
     assert all(float(row[1]) < 0.6 for row in stochastic)  # validation NLL, from log 2 = 0.69
+    name, best, replaced = lines[14].split()  # the population: 8 members, 2 replaced each time
+    assert name == "HPM" and float(best) < 20 and int(replaced) == 2

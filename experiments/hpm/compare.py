@@ -279,8 +279,12 @@ def write_plots(rundir, state, cfg: CompareConfig, task: Task) -> None:
         )
     m = "hpm" if "hpm" in cfg.methods else cfg.methods[0]
     hist = np.asarray(state["methods"][m]["trace"]["hparams"])[:done, 0]  # seed 0: [n, K, d]
-    fig, axes = plots.subplots(1, len(task.names), figsize=(3 * len(task.names), 3), squeeze=False)
-    for j, (ax, name) in enumerate(zip(axes[0], task.names)):
+    cols = min(len(task.names), 4)
+    rows = -(-len(task.names) // cols)
+    fig, axes = plots.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(task.names) :]:
+        ax.set_visible(False)
+    for j, (ax, name) in enumerate(zip(axes.flat, task.names)):
         ax.plot(np.arange(1, done + 1), hist[:, :, j], lw=0.8)
         ax.set_title(name, fontsize="small")
         ax.set_xlabel("ready interval")
