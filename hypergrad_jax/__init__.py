@@ -24,8 +24,8 @@ from hypergrad_jax.api import (
     raise_if_failed,
     solve,
 )
-from hypergrad_jax.estimators import Forward, Greedy, Implicit, Unrolled
-from hypergrad_jax.linalg import CG, LU, Cholesky, Neumann, SolveInfo
+from hypergrad_jax.estimators import Forward, Greedy, Implicit, Moreau, Unrolled
+from hypergrad_jax.linalg import CG, LU, Cholesky, Neumann, Richardson, SolveInfo
 from hypergrad_jax.optim import InnerOptimizer, Shared
 from hypergrad_jax.problem import BilevelProblem, InnerRun
 
@@ -43,7 +43,9 @@ __all__ = [
     "InnerOptimizer",
     "InnerRun",
     "LU",
+    "Moreau",
     "Neumann",
+    "Richardson",
     "Shared",
     "SolveInfo",
     "Status",

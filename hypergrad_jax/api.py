@@ -32,6 +32,7 @@ class Status(enum.IntEnum):
     OK = 0
     NONFINITE = 1  # the hypergradient or the outer loss has a NaN/inf
     SOLVE_NOT_CONVERGED = 2  # the linear solve stopped at maxiter above its tolerance
+    SOLVE_FELL_BACK = 3  # the solver gave up (Richardson): the direct gradient ∂_λ f only
 
 
 class Info(NamedTuple):
@@ -165,7 +166,8 @@ def hypergradient(
         if isinstance(info.status, jax.core.Tracer):
             checkify.check(
                 jnp.all(info.status == Status.OK),
-                "hypergradient failed: status {status} (1 NONFINITE, 2 SOLVE_NOT_CONVERGED)",
+                "hypergradient failed: status {status} (1 NONFINITE, 2 SOLVE_NOT_CONVERGED, "
+                "3 SOLVE_FELL_BACK)",
                 status=info.status,
             )
         else:
@@ -188,6 +190,9 @@ def _hypergradient(static, params0, inner_data, hparams, outer_data, key, warm_s
     if solve_info is not None:
         status = jnp.where(
             (status == Status.OK) & ~solve_info.converged, Status.SOLVE_NOT_CONVERGED, status
+        )
+        status = jnp.where(
+            (status != Status.NONFINITE) & solve_info.fell_back, Status.SOLVE_FELL_BACK, status
         )
     info = Info(value, theta, residual, status.astype(jnp.int32), solve_info, adjoint)
     return g, info

@@ -25,6 +25,7 @@ class SolveInfo(NamedTuple):
     residual: jax.Array  # float32/64[]: ||A x - b|| / ||b|| of the returned x (||A x|| when b = 0)
     iterations: jax.Array  # int32[]: matvecs used (dense solvers: the dimension)
     converged: jax.Array  # bool[]: residual <= tol, for every solver
+    fell_back: jax.Array  # bool[]: the solver gave up and returned its fallback (Richardson)
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -94,7 +95,7 @@ def _check_options(solver) -> None:
     only: their values are not known while tracing."""
     cls = type(solver).__name__
     number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    for name in ("maxiter", "steps", "power_iterations"):
+    for name in ("maxiter", "steps", "power_iterations", "iters"):
         if hasattr(solver, name):
             value = getattr(solver, name)
             if hasattr(value, "dtype"):
@@ -109,6 +110,13 @@ def _check_options(solver) -> None:
     eta = getattr(solver, "eta", None)
     if eta is not None and number(eta):
         _require(eta > 0, f"{cls}.eta", "None (automatic) or a float > 0", eta)
+    if isinstance(solver, Richardson):
+        _require(_is_int(solver.halvings) and solver.halvings >= 0, f"{cls}.halvings",
+                 "an int >= 0", solver.halvings)  # fmt: skip
+        _require(number(solver.step) and solver.step > 0, f"{cls}.step", "a float > 0",
+                 solver.step)  # fmt: skip
+        ok = solver.max_norm is None or (number(solver.max_norm) and solver.max_norm > 0)
+        _require(ok, f"{cls}.max_norm", "None or a float > 0", solver.max_norm)
 
 
 def _solve(solver, iterate, matvec, b, x0):
@@ -121,10 +129,11 @@ def _solve(solver, iterate, matvec, b, x0):
     narrow = lambda v: jax.tree.map(lambda u, like: u.astype(jnp.result_type(like)), v, b)  # noqa: E731
     wide_matvec = lambda v: jax.tree.map(_wide, matvec(narrow(v)))  # noqa: E731
     wide = lambda v: None if v is None else jax.tree.map(_wide, v)  # noqa: E731
-    x, matvecs = iterate(wide_matvec, wide(b), wide(x0), tol)
+    x, matvecs, *fell_back = iterate(wide_matvec, wide(b), wide(x0), tol)
     x = narrow(x)
     residual = _relative_residual(matvec, x, b)
-    return x, SolveInfo(residual, jnp.asarray(matvecs, jnp.int32), residual <= tol)
+    fell_back = jnp.asarray(fell_back[0] if fell_back else False)
+    return x, SolveInfo(residual, jnp.asarray(matvecs, jnp.int32), residual <= tol, fell_back)
 
 
 def _call(self, matvec, b, x0=None):
@@ -226,6 +235,63 @@ class Neumann(NamedTuple):
             return tree_axpy(eta, tree_axpy(-1.0, matvec(x), b), x)
 
         return jax.lax.fori_loop(0, self.steps, body, x), matvecs
+
+
+@typed
+class Richardson(NamedTuple):
+    """Truncated Richardson iteration with step halving and a fallback: ResAlign's solver (Li
+    et al., NeurIPS 2025), the fixed-point method of Grazzi et al. (ICML 2020) on the
+    proximal map.
+
+    An attempt with step ``a`` returns ``x = a Σ_{k<iters} (I − aA)^k b`` (``iters`` steps of
+    ``x ← x + a (b − A x)`` from 0). It fails when a step amplifies the series' term
+    (``||(I − aA) u|| > ||u||``: the series diverges at this ``a``) or when ``||x||`` exceeds
+    ``max_norm``; then ``a`` is halved and the attempt restarted, at most ``halvings`` times.
+    After the last failure ``x = 0`` with ``SolveInfo.fell_back`` set: the hypergradient is
+    then the direct gradient ``∂_λ f`` alone (the authors' fallback), reported as
+    ``Status.SOLVE_FELL_BACK``, never silently. ``converged`` is the residual test on the
+    result, as for every solver (a truncated series usually does not pass a tight ``tol``).
+    A warm start ``x0`` is ignored: the series starts from 0.
+    """
+
+    iters: int = 5
+    step: float = 1.0
+    halvings: int = 5
+    max_norm: float | None = None
+    ridge: float = 0.0
+    tol: float | None = None
+
+    __call__ = _call
+
+    def run(self, matvec, b, x0=None):
+        return _solve(self, self._iterate, matvec, b, x0)
+
+    def _iterate(self, matvec, b, x0, tol):
+        del x0, tol
+
+        def attempt(a):
+            def term(_, carry):
+                u, total, failed = carry
+                nxt = tree_axpy(-a, matvec(u), u)  # (I − aA) u
+                return nxt, tree_axpy(1.0, nxt, total), failed | (tree_norm(nxt) > tree_norm(u))
+
+            init = (b, b, jnp.zeros((), bool))
+            _, total, failed = jax.lax.fori_loop(0, self.iters - 1, term, init)
+            x = jax.tree.map(lambda t: a * t, total)
+            if self.max_norm is not None:
+                failed = failed | (tree_norm(x) > self.max_norm)
+            return x, failed
+
+        def retry(carry):
+            j, _, _ = carry
+            x, failed = attempt(self.step * 0.5 ** j.astype(jnp.result_type(float)))
+            return j + 1, x, failed
+
+        zeros = jax.tree.map(jnp.zeros_like, b)
+        init = (jnp.zeros((), jnp.int32), zeros, jnp.ones((), bool))
+        tries, x, failed = jax.lax.while_loop(lambda c: c[2] & (c[0] <= self.halvings), retry, init)
+        x = jax.tree.map(lambda v, z: jnp.where(failed, z, v), x, zeros)
+        return x, tries * (self.iters - 1), failed
 
 
 def _largest_eigenvalue(matvec, v, iterations):

@@ -16,9 +16,11 @@ OPTION_TYPES = [
     hg.Neumann,
     hg.Cholesky,
     hg.LU,
+    hg.Richardson,
     hg.Unrolled,
     hg.Forward,
     hg.Implicit,
+    hg.Moreau,
     hg.InnerRun,
     hg.BilevelProblem,
     hg.InnerOptimizer,
@@ -29,6 +31,12 @@ OPTION_TYPES = [
     stochastic.SOBA,
     stochastic.SolveAfter,
     KFACFisher,
+    hg.population.Perturb,
+    hg.population.Resample,
+    hg.population.Gaussian,
+    hg.population.Teacher,
+    hg.population.Transform,
+    hg.population.NoHypergradient,
 ]
 
 

@@ -4,7 +4,7 @@ Every estimator has ``solution(problem, run, hparams, params0, inner_data, key) 
 (differentiable by its rule) and ``grad(...)`` used by :func:`hypergrad_jax.hypergradient`.
 """
 
-from hypergrad_jax.estimators.implicit import Implicit
+from hypergrad_jax.estimators.implicit import Implicit, Moreau
 from hypergrad_jax.estimators.unrolled import Forward, Greedy, Unrolled
 
-__all__ = ["Forward", "Greedy", "Implicit", "Unrolled"]
+__all__ = ["Forward", "Greedy", "Implicit", "Moreau", "Unrolled"]
