@@ -33,6 +33,7 @@ EXPERIMENTS = {
     "nhgd_distillation": "experiments.nhgd.distillation",
     "hpm_synthetic": "experiments.hpm.synthetic",
     "hpm_digits": "experiments.hpm.digits",
+    "resalign": "experiments.resalign.experiment",
 }
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "quickstart.yaml"

@@ -55,3 +55,31 @@ def test_nhgd_benchmark_quick(tmp_path):
     assert rows["nhgd_dense"]["time_ratio"] == 1.0
     assert {"stocbio", "amigo", "soba", "cg", "neumann"} <= rows.keys()
     assert all(r["fused_s"] > 0 and r["parallel_s"] > 0 for r in data["critical_path"])
+
+
+@pytest.mark.slow
+def test_population_benchmark_quick(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "population.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "population.json").read_text())
+    assert (tmp_path / "population.md").read_text().startswith("# HPM population")
+    assert [row["K"] for row in data["sizes"]] == [4, 8]
+    for row in data["sizes"]:
+        for key in ("vmapped_s", "loop_s", "step_loop_s", "gaussian_s", "teacher_s"):
+            assert row[key] > 0, key
+        assert row["loop_over_vmapped"] > 0 and row["remat_loop_over_vmapped"] > 0
+        assert {"gaussian_overhead", "teacher_overhead"} <= row.keys()
+        assert row["replaced"] >= 1  # fraction raised to 1/K where 0.2 K < 1
+        # the vmapped population and the loop compute the same interval (float32)
+        assert row["rel_diff_loop_vs_vmapped"] < 1e-4

@@ -567,7 +567,9 @@ def train_ddpm(
     """A :class:`Denoiser` (default ``Denoiser()``) trained from flax's initialisation (with
     ``key``) on the images and labels of ``train`` by Adam on :func:`diffusion_loss` with a
     cosine learning-rate decay from ``lr`` to ``lr / 10``; returns the parameters' moving
-    average (decay ``ema``, as Ho et al. 2020 sample from; ``ema = 0``: the last iterate)."""
+    average (as Ho et al. 2020 sample from), with decay ``min(ema, (1 + i) / (10 + i))`` at
+    step ``i`` so that the first, poor iterates are soon forgotten in short runs (``ema = 0``:
+    the last iterate)."""
     model = Denoiser() if model is None else model
     schedule = make_schedule() if schedule is None else schedule
     key_init, key_fit = jax.random.split(key)
@@ -628,16 +630,16 @@ def train_judge(
 @dataclasses.dataclass(frozen=True)
 class DDPMConfig:
     """Pre-training of the class-conditional DDPM on all 10 classes of the training part of
-    :func:`digits` (``seed`` picks the split and the initialisation)."""
+    :func:`digits` (``seed`` picks the split, as for the judge, and the initialisation)."""
 
     seed: int = field(default=0, metadata=bounds(ge=0))
-    steps: int = field(default=4000, metadata=bounds(ge=1))
+    steps: int = field(default=8000, metadata=bounds(ge=1))
     batch_size: int = field(default=128, metadata=bounds(ge=1))
     lr: float = field(default=2e-3, metadata=bounds(gt=0))
     ema: float = field(default=0.999, metadata=bounds(ge=0, lt=1))
     width: int = field(default=128, metadata=bounds(ge=1))
     num_blocks: int = field(default=2, metadata=bounds(ge=1))
-    num_steps: int = field(default=100, metadata=bounds(ge=20))  # T
+    num_steps: int = field(default=100, metadata=bounds(ge=21))  # T (the default betas need > 20)
     test_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
 
     def model(self) -> Denoiser:
@@ -659,8 +661,8 @@ class JudgeConfig:
     test_fraction: float = field(default=0.25, metadata=bounds(gt=0, lt=1))
 
 
-#: Settings for tests: the default models trained for a few hundred steps (the DDPM's
-#: samples are then blurry, not yet recognisable digits).
+#: Settings for tests: the default models trained for a few hundred steps (too few for the
+#: DDPM's samples to be reliably recognisable digits).
 TINY_DDPM = DDPMConfig(steps=300)
 TINY_JUDGE = JudgeConfig(steps=300)
 
