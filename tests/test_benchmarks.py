@@ -15,20 +15,15 @@ import pytest
 ROOT = pathlib.Path(__file__).parents[1]
 
 
+def _run_quick(name: str, out, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python benchmarks/<name>.py --quick --out <out>``, its output captured."""
+    script = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out)]
+    return subprocess.run(script, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_estimators_benchmark_quick(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "estimators.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _run_quick("estimators", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "estimators.json").read_text())
     assert (tmp_path / "estimators.md").read_text().startswith("# Hypergradient estimators")
@@ -43,12 +38,7 @@ def test_estimators_benchmark_quick(tmp_path):
 
 @pytest.mark.slow
 def test_nhgd_benchmark_quick(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "nhgd.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = _run_quick("nhgd", tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "nhgd.json").read_text())
     rows = {r["method"]: r for r in data["time_to_target"]["rows"]}
@@ -59,18 +49,7 @@ def test_nhgd_benchmark_quick(tmp_path):
 
 @pytest.mark.slow
 def test_population_benchmark_quick(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "population.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = _run_quick("population", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "population.json").read_text())
     assert (tmp_path / "population.md").read_text().startswith("# HPM population")
