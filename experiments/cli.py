@@ -110,8 +110,32 @@ def cmd_list(_args) -> int:
     return 0
 
 
+def compile_cache(setting: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache for this process, so a second run of the
+    same programs reads them back instead of compiling: ``--compile-cache DIR``, else
+    ``$HYPERGRAD_COMPILE_CACHE``, else ``<hypergrad cache>/xla`` (``$HYPERGRAD_CACHE`` or
+    ``~/.cache/hypergrad_jax``); ``off`` turns it off. A folder JAX was already given
+    (``JAX_COMPILATION_CACHE_DIR``, e.g. by the tests) is kept. Programs that took at least
+    0.2 s to compile are cached. Returns the folder in use, or None."""
+    import jax
+
+    from hypergrad_jax.data import default_cache_dir
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    setting = setting or os.environ.get("HYPERGRAD_COMPILE_CACHE") or None
+    if setting == "off":
+        return None
+    folder = setting or os.path.join(default_cache_dir(), "xla")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return folder
+
+
 def cmd_run(args) -> int:
     from hypergrad_jax import parallel  # first: before JAX starts its backend
+
+    compile_cache(args.compile_cache)
 
     try:
         parallel.initialize(
@@ -163,6 +187,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="parent folder of the run directory (run.out_dir)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        help="persistent compilation cache folder, or off (default: $HYPERGRAD_COMPILE_CACHE, "
+        "else ~/.cache/hypergrad_jax/xla)",
+    )
     dist = run.add_argument_group("multi-process (jax.distributed; default: HYPERGRAD_* env)")
     dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
     dist.add_argument("--num-processes", type=int, help="number of processes")

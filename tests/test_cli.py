@@ -250,3 +250,17 @@ def test_resume_with_no_restorable_checkpoint_is_one_line(tmp_path, capsys, fini
     assert "(step 6: JSONDecodeError" in err[0] and "; step 4: FileNotFoundError" in err[0]
     assert err[0].endswith("start a new run")
     assert sorted(p.name for p in (run / "damaged_checkpoints").iterdir()) == ["4", "6"]
+
+
+def test_the_cli_keeps_compiled_programs_in_its_cache(tmp_path):
+    """Without a cache given to JAX, ``hypergrad run`` compiles into ``$HYPERGRAD_CACHE/xla``
+    by default, and into nothing with ``HYPERGRAD_COMPILE_CACHE=off``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "HYPERGRAD_"))}
+    clean["HYPERGRAD_CACHE"] = str(tmp_path)
+    args = ["run", "quickstart", "--tiny", "--quiet", "--out", str(tmp_path / "runs")]
+    done = hypergrad(clean | {"HYPERGRAD_COMPILE_CACHE": "off"}, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "xla").exists()
+    done = hypergrad(clean, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list((tmp_path / "xla").glob("*-cache"))
