@@ -203,7 +203,7 @@ class RunDir:
         me = jax.process_index()
         folder = (self.path / "checkpoints" / str(step) / "default").absolute()
         options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-        with _quiet_background():
+        with quiet_background():
             try:
                 with ocp.StandardCheckpointer(multiprocessing_options=options) as reader:
                     return reader.restore(folder, abstract)
@@ -229,7 +229,7 @@ class RunDir:
 
 
 @contextlib.contextmanager
-def _quiet_background():
+def quiet_background():
     """Keeps what background callbacks raise or print (tensorstore's readers after one read
     of a restore failed: "Event loop is closed", unraisable in their threads) off stderr;
     the failure itself is raised in the calling thread and reported there."""
@@ -238,6 +238,9 @@ def _quiet_background():
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
+    except Exception:
+        time.sleep(0.2)  # let the other reads of a failed restore finish quietly
+        raise
     finally:
         threading.excepthook, sys.unraisablehook = hooks
 
@@ -298,19 +301,20 @@ def _unstorable(template_leaf, stored_leaf):
 
 
 class Progress:
-    """Outer-step progress on stderr (``rich``): a bar, steps done, time left, the latest
+    """Progress of a loop on stderr (``rich``): a bar, steps done, time left, the latest
     outer loss. When stderr is not a terminal (a log file, CI) there is no bar: one line when
-    the loop ends instead. ``quiet`` (and every process but 0) shows nothing."""
+    the loop ends instead. ``quiet`` (and every process but 0) shows nothing. ``label``
+    names the steps ("outer steps", "pre-training steps")."""
 
-    def __init__(self, total: int, start: int = 0, quiet: bool = False):
-        self.total, self.start, self.done = total, start, start
+    def __init__(self, total: int, start: int = 0, quiet: bool = False, label="outer steps"):
+        self.total, self.start, self.done, self.label = total, start, start, label
         self.quiet = quiet or jax.process_index() != 0
         self.t0 = time.perf_counter()
         console = rich.console.Console(stderr=True)
         self.bar = None
         if not self.quiet and console.is_terminal:
             self.bar = rich.progress.Progress(
-                rich.progress.TextColumn("outer steps"),
+                rich.progress.TextColumn(label),
                 rich.progress.BarColumn(),
                 rich.progress.MofNCompleteColumn(),
                 rich.progress.TimeRemainingColumn(),
@@ -334,4 +338,5 @@ class Progress:
         elif not self.quiet:
             steps, seconds = self.done - self.start, time.perf_counter() - self.t0
             per = f" ({seconds / steps:.2f} s/step)" if steps else ""
-            print(f"{self.done}/{self.total} outer steps, {seconds:.1f} s{per}", file=sys.stderr)
+            line = f"{self.done}/{self.total} {self.label}, {seconds:.1f} s{per}"
+            print(line, file=sys.stderr)

@@ -26,19 +26,15 @@ adapters on its dense layers, a digits classifier that judges samples, and cache
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import field
 from typing import Any, NamedTuple
@@ -53,7 +49,7 @@ import orbax.checkpoint as ocp
 import hypergrad_jax as hg
 from experiments.common import MLP, Classifier
 from experiments.config import bounds
-from experiments.rundir import Progress
+from experiments.rundir import Progress, quiet_background
 
 PyTree = Any
 #: ``apply_fn(params, x_t, t, y) -> ε̂``: the denoiser's noise prediction ``[B, 64]``.
@@ -538,7 +534,7 @@ def _fit(
 
     state = (params, optimizer.init(params), params)
     losses = []
-    progress = Progress(steps, quiet=quiet)
+    progress = Progress(steps, quiet=quiet, label="pre-training steps")
     try:
         for start in range(0, steps, chunk):
             length = min(chunk, steps - start)
@@ -767,7 +763,7 @@ def cached(
 
 def _restore(folder: str, template: PyTree) -> PyTree:
     abstract = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    with _quiet_background(), ocp.StandardCheckpointer(multiprocessing_options=_alone()) as reader:
+    with quiet_background(), ocp.StandardCheckpointer(multiprocessing_options=_alone()) as reader:
         tree = reader.restore(os.path.join(os.path.abspath(folder), "params"), abstract)
     stored, expected = jax.tree.structure(tree), jax.tree.structure(abstract)
     if stored != expected:
@@ -808,19 +804,3 @@ def _alone() -> ocp.options.MultiprocessingOptions:
     """Orbax options for a read or write by this process alone (no cross-process barrier)."""
     me = jax.process_index()
     return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-
-
-@contextlib.contextmanager
-def _quiet_background():
-    """Keeps what tensorstore's reader threads raise or print after a failed read ("Event loop
-    is closed") off stderr; the failure itself is raised in the calling thread and reported."""
-    hooks = threading.excepthook, sys.unraisablehook
-    threading.excepthook = sys.unraisablehook = lambda args: None
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    except Exception:
-        time.sleep(0.2)  # let the other reads of a failed restore finish quietly
-        raise
-    finally:
-        threading.excepthook, sys.unraisablehook = hooks
