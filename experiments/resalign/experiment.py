@@ -1,5 +1,7 @@
-"""ResAlign (Li et al., NeurIPS 2025) on a class-conditional DDPM for 8×8 digits: unlearn one
-class (the "harmful concept") so that it stays unlearned after benign fine-tuning.
+"""ResAlign on a digits DDPM: unlearn a class so that benign fine-tuning does not bring it back.
+
+ResAlign (Li et al., NeurIPS 2025) on a class-conditional DDPM for 8×8 digits: one class (the
+"harmful concept") is unlearned so that it stays unlearned after benign fine-tuning.
 
 The pre-trained denoiser and the judge come from :mod:`experiments.resalign.diffusion`
 (cached). The unlearned parameters ``λ`` are rank-``unlearn.rank`` LoRA adapters on the
