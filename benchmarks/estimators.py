@@ -130,22 +130,29 @@ def compile_all(jobs) -> list[tuple]:
         return list(pool.map(compile_one, jobs))
 
 
-def measure(compiled, compile_s, args, repeats: int) -> tuple[dict, object]:
-    """One warm-up call, then the median time of ``repeats`` calls, and the memory analysis."""
-    out = jax.block_until_ready(compiled(*args))
-    times = []
+def measure(compiled: list, args, repeats: int) -> list[tuple[dict, object]]:
+    """For each compiled function: one warm-up call, then the median time of ``repeats``
+    calls, and the memory analysis. The calls are interleaved (one round calls every
+    function once), so a change in the machine's load falls on every function alike and
+    their ratios stay comparable."""
+    outs = [jax.block_until_ready(exe(*args)) for exe, _ in compiled]
+    times = [[] for _ in compiled]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    row = {"time_s": statistics.median(times), "times_s": times, "compile_s": compile_s}
-    mem = compiled.memory_analysis()
-    if mem is not None:
-        row["temp_bytes"] = int(mem.temp_size_in_bytes)
-        row["total_bytes"] = int(
-            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        )
-    return row, out
+        for (exe, _), record in zip(compiled, times, strict=True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(exe(*args))
+            record.append(time.perf_counter() - t0)
+    results = []
+    for (exe, compile_s), record, out in zip(compiled, times, outs, strict=True):
+        row = {"time_s": statistics.median(record), "times_s": record, "compile_s": compile_s}
+        mem = exe.memory_analysis()
+        if mem is not None:
+            row["temp_bytes"] = int(mem.temp_size_in_bytes)
+            row["total_bytes"] = int(
+                mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            )
+        results.append((row, out))
+    return results
 
 
 ESTIMATORS = {
@@ -181,9 +188,12 @@ def horizon_rows(horizons, repeats, train, val, params0, key) -> list[dict]:
         ]
     print(f"compiling {len(cases)} functions ...", flush=True)
     compiled = compile_all([(fn, args) for _, _, fn in cases])
+    measured = []
+    for horizon in horizons:
+        same = [i for i, case in enumerate(cases) if case[0] == horizon]
+        measured += measure([compiled[i] for i in same], args, repeats[horizon])
     rows, base, reference = [], None, None
-    for (horizon, name, _), (exe, compile_s) in zip(cases, compiled, strict=True):
-        row, out = measure(exe, compile_s, args, repeats[horizon])
+    for (horizon, name, _), (row, out) in zip(cases, measured, strict=True):
         row.update(T=horizon, estimator=name, repeats=repeats[horizon])
         if name.startswith("plain"):
             base, reference = row, None
@@ -245,7 +255,7 @@ def implicit_comparison(train, val, params0, steps, cg, repeats) -> dict:
         cases["jaxopt"] = theirs
     print(f"implicit: compiling {len(cases)} functions ...", flush=True)
     compiled = dict(zip(cases, compile_all([(fn, args) for fn in cases.values()]), strict=True))
-    results = {name: measure(*compiled[name], args, repeats) for name in cases}
+    results = dict(zip(cases, measure(list(compiled.values()), args, repeats), strict=True))
 
     out["plain_run_s"] = results["plain"][0]["time_s"]
     row, (g_ours, info) = results["ours"]

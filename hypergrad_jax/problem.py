@@ -113,18 +113,26 @@ def run_steps(
     length: int,
     remat: bool = False,
 ) -> InnerState:
-    """Steps ``start .. start + length - 1`` as one ``lax.scan``; nothing stored per step.
+    """Steps ``start .. start + length - 1`` as one ``lax.scan``.
 
-    With ``remat``, the steps are grouped in blocks of ``ceil(sqrt(length))`` whose
-    bodies are rematerialised under reverse mode: only block boundaries are stored,
-    so the memory of differentiating the run grows like ``sqrt(length)``, at the cost
-    of one extra forward pass.
+    Under reverse mode each step is rematerialised (``jax.checkpoint``): the backward pass
+    stores only the carry (parameters and optimizer state) per step and recomputes the
+    step's interior (the batch, the loss's activations and gradient). On the benchmark MLP
+    this is faster than storing the interior (3.2x vs 4.4x a plain run at T = 1000, 8x
+    less memory: ``benchmarks/results/estimators.md``); without reverse mode it changes
+    nothing.
+
+    With ``remat``, the steps are also grouped in blocks of ``ceil(sqrt(length))`` whose
+    bodies are rematerialised: only block boundaries and one block's carries are stored,
+    so the memory of differentiating the run grows like ``sqrt(length)``, at the cost of
+    one more forward pass.
     """
 
-    def segment(state, first, n):
-        def body(s, t):
-            return inner_step(problem, run, hparams, data, key, s, t), None
+    @jax.checkpoint
+    def body(s, t):
+        return inner_step(problem, run, hparams, data, key, s, t), None
 
+    def segment(state, first, n):
         return jax.lax.scan(body, state, first + jnp.arange(n, dtype=jnp.int32))[0]
 
     if length <= 0:
