@@ -41,7 +41,8 @@ class Info(NamedTuple):
     inner_residual: jax.Array  # float32[]: ||∇_θ g(θ_T, λ)|| on the optimality batch
     status: jax.Array  # int32[]: a Status
     solve: SolveInfo | None  # the linear solve (Implicit only)
-    adjoint: PyTree | None  # v = (H + ridge I)⁻¹ ∂_θ f (Implicit only): a warm start
+    adjoint: PyTree | None  # v = (H + ridge I)⁻¹ ∂_θ f (Implicit only): a warm start; a
+    # linalg.Warm (v and the preconditioner's state) when the solver has a preconditioner
 
 
 class HypergradientError(RuntimeError):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hypergrad_jax import linalg
 from hypergrad_jax.api import Status, hypergradient
 from hypergrad_jax.problem import float_literals
 from hypergrad_jax.stochastic.common import State
@@ -38,7 +39,8 @@ class OuterState(NamedTuple):
     hparams: PyTree  # λ, the hyperparameters being learned
     opt_state: PyTree  # the outer optimizer's state
     params: PyTree  # θ of the last inner run: the warm start of the next one
-    adjoint: PyTree  # the last linear-solve solution (Implicit, stochastic methods), else zeros
+    adjoint: PyTree  # the last linear-solve solution (Implicit, stochastic methods), else zeros;
+    # with a preconditioned solver a linalg.Warm (solution + preconditioner state)
     method: PyTree  # a stateful method's own state (NHGD's curvature), () for estimators
     key: jax.Array  # PRNG key, split once per outer step
     step: jax.Array  # int32[]: outer steps done
@@ -69,16 +71,23 @@ def init(
     """The state before the first outer step.
 
     ``method``: a stateful method (``hg.stochastic.NHGD(...)``, ...), whose ``init``
-    validates its settings and builds its own state; ``None`` (or an estimator) otherwise.
+    validates its settings and builds its own state; ``None`` or the estimator otherwise.
+    Pass an ``Implicit``/``Moreau`` estimator whose solver has a preconditioner
+    (``hg.CG(precond=hg.linalg.Hutchinson())``) so the state starts with the
+    preconditioner's warm start (a ``linalg.Warm``) that every step reuses; without it the
+    first step changes the state's structure (a jitted step then compiles twice).
 
     Leaves are made strongly typed (``jnp.asarray(0.1)`` is weakly typed, the updated
     values are not), so a jitted step compiles once, not twice.
     """
     hparams, params0 = jax.tree.map(_strong, (float_literals(hparams), params0))
-    zeros = jax.tree.map(jnp.zeros_like, params0)
-    method_state = method.init(params0, hparams).method if _stateful(method) else ()
+    if _stateful(method):
+        adjoint = jax.tree.map(jnp.zeros_like, params0)
+        method_state = method.init(params0, hparams).method
+    else:
+        adjoint, method_state = linalg.initial_warm(getattr(method, "solver", None), params0), ()
     step = jnp.zeros((), jnp.int32)
-    return OuterState(hparams, optimizer.init(hparams), params0, zeros, method_state, key, step)
+    return OuterState(hparams, optimizer.init(hparams), params0, adjoint, method_state, key, step)
 
 
 def _strong(x):

@@ -143,7 +143,9 @@ def implicit_grad(
     )
     _, mixed_vjp = jax.vjp(lambda h: grad_fn(theta, h, batch), hparams)
     g = optax.tree.sub(f_hparams, mixed_vjp(v)[0])
-    return g, value, theta, solve_info, v
+    # a preconditioned solve's warm start carries its preconditioner too (linalg.Warm)
+    adjoint = v if solve_info.warm is None else solve_info.warm
+    return g, value, theta, solve_info._replace(warm=None), adjoint
 
 
 @typed
