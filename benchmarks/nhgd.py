@@ -100,11 +100,14 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
 
             return jax.lax.scan(body, state, steps)[0]
 
+        variants = (("fused", method), ("parallel", parallel))
+        if jax.device_count() < 2:  # e.g. one GPU: the fused loop only
+            variants = variants[:1]
         loops = {
             variant: jax.jit(
                 lambda p, s, m=m: m.inner_loop(problem, run, hparams, p, s, sampler, key)
             )
-            for variant, m in (("fused", method), ("parallel", parallel))
+            for variant, m in variants
         }
         row = {
             "fisher": name,
@@ -114,17 +117,20 @@ def critical_path(task, fishers: dict, num_steps: int, lr: float, repeats: int) 
         }
         for variant, fn in loops.items():
             row[f"{variant}_s"] = timed(fn, (params, state0), repeats) / num_steps
-        fused, par = loops["fused"](params, state0), loops["parallel"](params, state0)
-        row["max_abs_diff"] = max(
-            float(jnp.max(jnp.abs(a - b)))
-            for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(par))
-        )
-        row["parallel_over_fused"] = row["parallel_s"] / row["fused_s"]
+        row.setdefault("parallel_s", None)
+        row.update(max_abs_diff=None, parallel_over_fused=None)
+        if "parallel" in loops:
+            fused, par = loops["fused"](params, state0), loops["parallel"](params, state0)
+            row["max_abs_diff"] = max(
+                float(jnp.max(jnp.abs(a - b)))
+                for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(par))
+            )
+            row["parallel_over_fused"] = row["parallel_s"] / row["fused_s"]
         rows.append(row)
         print(
             f"{name:>16}: sgd {row['sgd_step_s'] * 1e3:.3f} ms, update "
             f"{row['fisher_update_s'] * 1e3:.3f} ms, fused {row['fused_s'] * 1e3:.3f} ms, "
-            f"parallel {row['parallel_s'] * 1e3:.3f} ms per step"
+            f"parallel {_ms(row['parallel_s'])} ms per step"
         )
     return rows
 
@@ -229,6 +235,10 @@ def time_to_target(preset: str | None, overrides: list[str], repeats: int) -> di
 # ----------------------------------------------------------------------------- report
 
 
+def _ms(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
 def markdown(info: dict, ttt: dict, paths: list[dict], elapsed: float, quick: bool) -> str:
     m = info
     lines = [
@@ -275,12 +285,15 @@ def markdown(info: dict, ttt: dict, paths: list[dict], elapsed: float, quick: bo
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in paths:
+        ratio, diff = r["parallel_over_fused"], r["max_abs_diff"]
         lines.append(
             f"| {r['fisher']} | {r['params']} | {r['sgd_step_s'] * 1e3:.3f} | "
             f"{r['fisher_update_s'] * 1e3:.3f} | {r['fused_s'] * 1e3:.3f} | "
-            f"{r['parallel_s'] * 1e3:.3f} | {r['parallel_over_fused']:.2f} | "
-            f"{r['max_abs_diff']:.1e} |"
+            f"{_ms(r['parallel_s'])} | {'n/a' if ratio is None else f'{ratio:.2f}'} | "
+            f"{'n/a' if diff is None else f'{diff:.1e}'} |"
         )
+    if any(r["parallel_s"] is None for r in paths):
+        lines += ["", "n/a: one device only, so the parallel variant did not run."]
     return "\n".join(lines) + "\n"
 
 

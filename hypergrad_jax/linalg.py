@@ -177,8 +177,11 @@ class Hutchinson(NamedTuple):
     ``memory`` per solve: in an outer loop the operator changes slowly, so the estimate
     sharpens across steps at a constant cost per step (pass the returned
     ``info.adjoint``, a :class:`Warm`, back as the warm start; :func:`hg.outer.step`
-    does). The preconditioner is ``1 / max(|d|, floor · mean|d|)``: a noisy or tiny entry
-    of the estimate ``d`` cannot make it blow up.
+    does). The estimate ``|d|`` is floored at ``floor · mean|d|`` (no entry can blow the
+    preconditioner up) and shrunk in log space towards its geometric mean ``m`` with the
+    weight of ``prior`` probes: ``d̃ = |d|^w m^(1−w)``, ``w = n / (n + prior)`` after ``n``
+    (decayed) probes, so a young, noisy estimate preconditions partially (``D^(-w)``, which
+    takes the condition number ``κ`` of a diagonal to ``κ^(1−w)``).
 
     Where it pays: operators whose diagonal varies over orders of magnitude (per-feature or
     per-layer penalties, badly scaled features); on a near-isotropic operator it costs its
@@ -187,6 +190,7 @@ class Hutchinson(NamedTuple):
 
     probes: int = 4
     memory: float = 0.9
+    prior: float = 8.0
     floor: float = 1e-2
 
     def check(self) -> None:
@@ -194,6 +198,8 @@ class Hutchinson(NamedTuple):
                  "a positive int", self.probes)  # fmt: skip
         ok = isinstance(self.memory, (int, float)) and 0 <= self.memory < 1
         _require(ok, "Hutchinson.memory", "a float in [0, 1)", self.memory)
+        ok = isinstance(self.prior, (int, float)) and self.prior >= 0
+        _require(ok, "Hutchinson.prior", "a float >= 0", self.prior)
         ok = isinstance(self.floor, (int, float)) and 0 < self.floor <= 1
         _require(ok, "Hutchinson.floor", "a float in (0, 1]", self.floor)
 
@@ -218,11 +224,16 @@ class Hutchinson(NamedTuple):
         return HutchinsonState(total, count, state.solves + 1)
 
     def inverse(self, state: HutchinsonState) -> PyTree:
-        """``1 / max(|d|, floor · mean|d|)`` with ``d`` the estimated diagonal."""
+        """``d̃⁻¹``: the estimate ``|d|``, floored at ``floor · mean|d|``, shrunk in log space
+        towards its geometric mean ``m``: ``d̃ = |d|^w m^(1−w)``, ``w = n / (n + prior)``."""
         d = jax.tree.map(lambda t: jnp.abs(t) / state.count, state.total)
-        mean = sum(jnp.sum(x) for x in jax.tree.leaves(d)) / sum(x.size for x in jax.tree.leaves(d))
-        low = self.floor * mean
-        return jax.tree.map(lambda x: 1.0 / jnp.maximum(x, jnp.where(low > 0, low, 1.0)), d)
+        size = sum(x.size for x in jax.tree.leaves(d))
+        mean = sum(jnp.sum(x) for x in jax.tree.leaves(d)) / size
+        low = self.floor * jnp.where(mean > 0, mean, 1.0)
+        logs = jax.tree.map(lambda x: jnp.log(jnp.maximum(x, low)), d)
+        log_gm = sum(jnp.sum(x) for x in jax.tree.leaves(logs)) / size
+        w = state.count / (state.count + self.prior)
+        return jax.tree.map(lambda x: jnp.exp(-(w * x + (1 - w) * log_gm)), logs)
 
 
 @typed
