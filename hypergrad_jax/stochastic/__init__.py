@@ -19,7 +19,7 @@ gradients of the outer loss.
 
 Methods (each class cites its paper), their inner loop any ``hg.InnerRun`` (the papers use plain
 SGD; SOBA must); one module per concept: :mod:`.common` (state, oracle counts, shared pieces),
-:mod:`.nhgd`, :mod:`.baselines`:
+:mod:`.nhgd`, :mod:`.baselines`, :mod:`.variance_reduced`:
 
 * :class:`NHGD` (:mod:`.nhgd`): the inner loop's steps, whose gradients also update an
   online inverse ``A ≈ F̂⁻¹`` of the empirical Fisher (:mod:`hypergrad_jax.fisher`) in the
@@ -30,6 +30,11 @@ SGD; SOBA must); one module per concept: :mod:`.common` (state, oracle counts, s
   HVPs) and :func:`AmIGO` (SGD on the linear system, ``v`` warm-started), or any
   :mod:`~hypergrad_jax.linalg` solver on one minibatch's Hessian.
 * :class:`SOBA`: single loop; one step each on ``θ``, ``v`` and (by the caller) ``λ``.
+* :mod:`.variance_reduced`: SOBA's loop with better directions. :class:`SABA` (SAGA tables)
+  and :class:`SRBA` (a SARAH recursion with full-batch restarts) converge linearly with
+  constant steps on finite sums: they take the whole ``inner_data`` / ``outer_data``
+  (leading axis: samples) and draw their own minibatches; :class:`MASOBA` follows a
+  moving average of the ``λ`` direction.
 
 The inner loss must be a mean over the leading axis of the batch for the per-sample Fisher
 options (each sample's gradient is the loss's gradient on a batch of one).
@@ -50,16 +55,20 @@ from hypergrad_jax.stochastic.common import (
     Stats,
 )
 from hypergrad_jax.stochastic.nhgd import NHGD, SAMPLE_WEIGHT_FLOOR
+from hypergrad_jax.stochastic.variance_reduced import MASOBA, SABA, SRBA
 
-METHODS = (NHGD, SolveAfter, SOBA)
+METHODS = (NHGD, SolveAfter, SOBA, SABA, SRBA, MASOBA)
 
 __all__ = [
     "AmIGO",
+    "MASOBA",
     "METHODS",
     "NHGD",
     "Oracles",
+    "SABA",
     "SAMPLE_WEIGHT_FLOOR",
     "SOBA",
+    "SRBA",
     "STOCHASTIC_SOLVERS",
     "SolveAfter",
     "State",

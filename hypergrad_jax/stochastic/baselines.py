@@ -25,7 +25,7 @@ import optax
 
 from hypergrad_jax import linalg
 from hypergrad_jax.data import batch_at
-from hypergrad_jax.problem import init_state, optimizer_update
+from hypergrad_jax.problem import optimizer_update
 from hypergrad_jax.static import typed
 from hypergrad_jax.stochastic.common import (
     State,
@@ -39,6 +39,7 @@ from hypergrad_jax.stochastic.common import (
     oracles,
     outer_batch,
     outer_gradients,
+    single_loop_state,
     split_keys,
     start_state,
 )
@@ -180,20 +181,9 @@ class SOBA(NamedTuple):
         return start_state(params)
 
     def step(self, problem, run, state, hparams, inner_data, outer_data, key):
-        check_run(self, run)
-        if run.num_steps != 1:
-            raise ValueError(
-                f"run.num_steps: SOBA takes one inner step per outer step; expected 1, "
-                f"got {run.num_steps}"
-            )
+        inner = single_loop_state(self, run, hparams, state.params)
         k_inner, _, k_outer = split_keys(key)
         params, v = state.params, state.adjoint
-        inner = init_state(run, hparams, params)
-        if jax.tree.leaves(inner.opt_state):
-            raise ValueError(
-                f"run.optimizer: SOBA needs a stateless optimizer such as hg.optim.sgd(); "
-                f"{run.optimizer.name!r} keeps state that would restart at every step"
-            )
         value, f_theta, f_hparams = outer_gradients(
             problem, params, hparams, outer_batch(outer_data, k_outer)
         )

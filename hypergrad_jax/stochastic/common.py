@@ -118,3 +118,24 @@ def check_run(method, run) -> None:
             f"run: {type(method).__name__} takes its inner loop from an hg.InnerRun (its "
             f"optimizer and num_steps); got {type(run).__name__}"
         )
+
+
+def single_loop_state(method, run, hparams, params):
+    """The inner state of a single-loop method's one ``θ`` step per outer step (SOBA, SABA,
+    SRBA, MA-SOBA): ``run`` must be one step (``num_steps == 1``) of a
+    stateless optimizer such as ``hg.optim.sgd()``, since no inner run persists whose
+    momentum or Adam moments could carry over."""
+    name = type(method).__name__
+    check_run(method, run)
+    if run.num_steps != 1:
+        raise ValueError(
+            f"run.num_steps: {name} takes one inner step per outer step; expected 1, "
+            f"got {run.num_steps}"
+        )
+    inner = init_state(run, hparams, params)
+    if jax.tree.leaves(inner.opt_state):
+        raise ValueError(
+            f"run.optimizer: {name} needs a stateless optimizer such as hg.optim.sgd(); "
+            f"{run.optimizer.name!r} keeps state that would restart at every step"
+        )
+    return inner
