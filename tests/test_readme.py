@@ -37,5 +37,7 @@ def test_readme_python_blocks_run():
         "SolveAfter",
     ]
     assert all(float(row[1]) < 0.6 for row in stochastic)  # validation NLL, from log 2 = 0.69
-    name, best, replaced = lines[14].split()  # the population: 8 members, 2 replaced each time
+    saba = lines[14].split()
+    assert saba[0] == "SABA" and float(saba[1]) < 0.6  # on one validation block
+    name, best, replaced = lines[15].split()  # the population: 8 members, 2 replaced each time
     assert name == "HPM" and float(best) < 20 and int(replaced) == 2
