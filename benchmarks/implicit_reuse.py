@@ -153,9 +153,43 @@ def dense_reference(problem, train, val, theta, h):
     grad_flat = lambda f: ravel_pytree(jax.grad(problem.inner_loss)(unravel(f), h, tr))[0]  # noqa: E731
     hess = jax.jit(jax.jacfwd(grad_flat))(flat) + RIDGE * jnp.eye(flat.size)
     f_theta, f_h = jax.grad(problem.outer_loss, argnums=(0, 1))(theta, h, va)
-    v = unravel(jnp.linalg.solve(hess, ravel_pytree(f_theta)[0]))
+    b = ravel_pytree(f_theta)[0]
+    v = unravel(jnp.linalg.solve(hess, b))
     _, mixed = jax.vjp(lambda hh: jax.grad(problem.inner_loss)(theta, hh, tr), h)
-    return optax.tree.sub(f_h, mixed(v)[0])
+    return optax.tree.sub(f_h, mixed(v)[0]), np.asarray(hess), np.asarray(b)
+
+
+def cg_iterations(hess, b, inverse=None, maxiter=5000) -> int:
+    """Iterations of (preconditioned) CG to ``TOL`` on a dense float64 system; ``inverse``:
+    ``r -> M⁻¹ r``."""
+    scale = (lambda r: r) if inverse is None else inverse  # noqa: E731
+    x, r = np.zeros_like(b), b.copy()
+    z = scale(r)
+    p, rz, k = z.copy(), r @ z, 0
+    while np.linalg.norm(r) > TOL * np.linalg.norm(b) and k < maxiter:
+        ap = hess @ p
+        alpha = rz / (p @ ap)
+        x, r = x + alpha * p, r - alpha * ap
+        z = scale(r)
+        rz, rz_old = r @ z, rz
+        p = z + (rz / rz_old) * p
+        k += 1
+    return k
+
+
+def preconditioning_bounds(hess, b) -> dict:
+    """What the best preconditioners of their kind could do on this system (float64, dense):
+    the exact diagonal (Jacobi, the limit of Hutchinson's estimate) and the exact
+    eigenvectors of the k smallest eigenvalues mapped onto the (k+1)-th (the limit of
+    recycling the previous solve's Ritz vectors), against plain CG."""
+    eig, vecs = np.linalg.eigh(hess)
+    out = {"eig_min": float(eig[0]), "eig_max": float(eig[-1]), "plain": cg_iterations(hess, b)}
+    out["exact_jacobi"] = cg_iterations(hess, b, lambda r: r / np.diag(hess))
+    for k in (10, 20, 50):
+        u, shift = vecs[:, :k], eig[k] / eig[:k] - 1
+        deflate = lambda r, u=u, c=shift: r + u @ (c * (u.T @ r))  # noqa: E731
+        out[f"deflate_{k}"] = cg_iterations(hess, b, deflate)
+    return out
 
 
 def rel_err(g, ref) -> float:
@@ -222,7 +256,9 @@ def bench_problem(make, inner_steps, steps, outer_lr, repeats, ref_every) -> dic
             if k in warm:  # what the outer loop passes to the next step
                 warm[k] = v if info.warm is None else info.warm
         if i % ref_every == 0 or i == len(traj) - 1:
-            ref = dense_reference(problem, train, val, theta, h)
+            ref, hess, b = dense_reference(problem, train, val, theta, h)
+            if i == len(traj) - 1:
+                bounds = preconditioning_bounds(hess, b)
             for k in fns:
                 g = outs[k] if k == "jaxopt" else outs[k][0]
                 errors[k].append(rel_err(g, ref))
@@ -240,6 +276,7 @@ def bench_problem(make, inner_steps, steps, outer_lr, repeats, ref_every) -> dic
             k: {"median": statistics.median(v), "max": max(v)} for k, v in errors.items()
         },
         "reference_steps": len(errors["jaxopt"]),
+        "bounds_last_step": bounds,
     }
     for k in fns:
         print(
@@ -293,7 +330,18 @@ def markdown(info: dict, rows: list[dict], elapsed: float, quick: bool) -> str:
                 f"| {k} | {r['total_solve_s'][k]:.3f} | {r['ratio_vs_jaxopt'][k]:.2f} | {mv_s} | "
                 f"{err['median']:.1e} / {err['max']:.1e} | {r['compile_s'][k]:.2f} |"
             )
-        lines.append("")
+        bd = r["bounds_last_step"]
+        lines += [
+            "",
+            f"The limits at the last step (float64 dense system, eigenvalues from "
+            f"{bd['eig_min']:.2e} to {bd['eig_max']:.2e}; CG iterations to the same tol; a "
+            f"negative eigenvalue: the run is not at a minimum): plain CG {bd['plain']}, the exact "
+            f"diagonal (Jacobi, what Hutchinson's estimate tends to) {bd['exact_jacobi']}, the "
+            f"exact eigenvectors of the 10 / 20 / 50 smallest eigenvalues deflated (what "
+            f"recycling Ritz vectors tends to) {bd['deflate_10']} / {bd['deflate_20']} / "
+            f"{bd['deflate_50']}.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
