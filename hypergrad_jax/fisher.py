@@ -11,11 +11,17 @@ options) implementing :class:`Curvature`::
 
 ``u = √B ḡ`` is the step's minibatch mean gradient scaled by the batch size's square root
 (one rank-1 Fisher sample), ``per_sample_grads`` the ``B`` per-sample gradients stacked on a
-leading axis (``None`` unless ``curvature.per_sample``).
+leading axis (``None`` unless ``curvature.per_sample``). A curvature whose ``factored`` is
+true (:class:`KFACFisher`) also takes them as :class:`DenseLayerSamples`, the factors
+``(a_i, δ_i)`` of dense layers' rank-one per-sample gradients ``a_i δ_iᵀ``, which
+:func:`flax_dense_samples` gets from one forward and one backward pass (opt-in:
+``NHGD(per_sample_grads="flax_dense")``).
 
 * :class:`DenseFisher`: a dense ``F̂`` (``O(|θ|²)``): rank-1 or rank-``B`` updates of ``A``
   (Sherman–Morrison / Woodbury) or of ``F̂`` with one Cholesky solve at the end.
 * :class:`KFACFisher`: block-diagonal Kronecker factors per dense layer.
+* :func:`flax_dense_samples`: per-sample gradients of flax ``nn.Dense`` layers in factored
+  form (:class:`DenseLayerSamples`) without ``vmap``; :func:`dense_layer_grads` expands them.
 * The recursions they are built from: :func:`inverse_init`, :func:`ema_update`,
   :func:`mean_update`, :func:`ema_update_batch`, :func:`mean_update_batch`,
   :func:`woodbury`.
@@ -24,6 +30,7 @@ leading axis (``None`` unless ``curvature.per_sample``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -275,7 +282,9 @@ class DenseFisher(NamedTuple):
 #     (Ā⁻¹ ⊗ S⁻¹) vec(G) = vec(Ā⁻¹ G S⁻¹)        (Ā, S symmetric).
 #
 # **Recovering a and δ from per-sample gradients.** The curvature protocol gets per-sample
-# gradients only, not activations. Since ``∂W_i = a_i δ_iᵀ`` and ``∂b_i = δ_i``::
+# gradients, not activations (unless they come factored, as :class:`DenseLayerSamples`: the
+# "factored samples" section below, which skips this recovery). Since ``∂W_i = a_i δ_iᵀ`` and
+# ``∂b_i = δ_i``::
 #
 #     δ_i = ∂b_i,      a_i = ∂W_i δ_i / |δ_i|²      (exact whenever ∂W_i is rank one).
 #
@@ -323,6 +332,14 @@ class KFACState(NamedTuple):
     a_inv: tuple[jax.Array, ...]  # per layer float[din+1, din+1]: Ā⁻¹ (symmetric positive definite)
     s_inv: tuple[jax.Array, ...]  # per layer float[dout, dout]: S⁻¹ (symmetric positive definite)
     count: jax.Array  # int32[]: updates so far (the running mean's weights use it)
+
+
+class KFACFactors(NamedTuple):
+    """``KFACFisher(inverse="solve")``'s state: the factors themselves, no prior."""
+
+    a: tuple[jax.Array, ...]  # per layer float[din+1, din+1]: Ā (symmetric positive semidefinite)
+    s: tuple[jax.Array, ...]  # per layer float[dout, dout]: S (symmetric positive semidefinite)
+    count: jax.Array  # int32[]: updates so far
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -390,25 +407,64 @@ def _weights(count, beta, mean: bool, dtype):
     return 1.0 - c, c
 
 
-@functools.partial(jax.jit, static_argnames="mean")
-def _update_layer(a_inv, s_inv, dw, db, count, beta, mean: bool):
+def _update_factors(a_inv, s_inv, a, delta, valid, count, beta, mean: bool, solve: bool):
     """One layer's ``(Ā⁻¹, S⁻¹) -> (Ā'⁻¹, S'⁻¹)`` with ``X' = keep·X + add·X̂`` (the K-FAC
-    section above).
+    section above) from the per-sample inputs ``a [B, din]`` (zero where not ``valid``) and
+    signals ``δ [B, dout]``; with ``solve``, ``(Ā, S) -> (Ā', S')`` (``inverse="solve"``:
+    ``keep = 1 − 1/(count+1)`` for the mean, no prior)."""
+    if solve:
+        if mean:
+            keep = 1.0 - 1.0 / (count + 1).astype(a_inv.dtype)
+            add = 1.0 - keep
+        else:
+            keep, add = beta, 1.0 - beta
+        step = lambda x, us: keep * x + (add / us.shape[0]) * (us.T @ us)  # noqa: E731
+    else:
+        keep, add = _weights(count, beta, mean, a_inv.dtype)
+        step = lambda x, us: _inverse_update(x, us, keep, add)  # noqa: E731
+    new_a = step(a_inv, _weighted_rows(_augment(a), valid))
+    new_a = jnp.where(jnp.any(valid), new_a, a_inv)  # no valid sample: Ā unchanged
+    return new_a, step(s_inv, delta)
+
+
+@functools.partial(jax.jit, static_argnames=("mean", "solve"))
+def _update_layer(a_inv, s_inv, dw, db, count, beta, mean: bool, solve: bool = False):
+    """:func:`_update_factors` from per-sample gradients ``dw [B, din, dout]``, ``db [B, dout]``
+    (:func:`recover_rank_one`).
 
     Jitted so that eager use compiles one kernel per layer shape instead of one per op; inside
     an outer ``jit``/``scan`` it is simply inlined.
     """
-    keep, add = _weights(count, beta, mean, a_inv.dtype)
     a, delta, valid = recover_rank_one(dw.astype(a_inv.dtype), db.astype(s_inv.dtype))
-    new_a = _inverse_update(a_inv, _weighted_rows(_augment(a), valid), keep, add)
-    new_a = jnp.where(jnp.any(valid), new_a, a_inv)  # no valid sample: Ā unchanged
-    return new_a, _inverse_update(s_inv, delta, keep, add)
+    return _update_factors(a_inv, s_inv, a, delta, valid, count, beta, mean, solve)
+
+
+@functools.partial(jax.jit, static_argnames=("mean", "solve"))
+def _update_layer_factored(a_inv, s_inv, a, delta, count, beta, mean: bool, solve: bool):
+    """:func:`_update_factors` from the factors themselves (:class:`DenseLayerSamples`): the
+    same validity rule as :func:`recover_rank_one` (``|δ_i|² > DELTA_SQ_FLOOR``), no
+    recovery."""
+    a, delta = a.astype(a_inv.dtype), delta.astype(s_inv.dtype)
+    valid = jnp.sum(delta * delta, axis=-1) > DELTA_SQ_FLOOR
+    a = jnp.where(valid[:, None], a, 0.0)
+    return _update_factors(a_inv, s_inv, a, delta, valid, count, beta, mean, solve)
 
 
 @jax.jit
 def _apply_layer(a_inv, s_inv, w, b):
     """``(w, b) ↦ Ā⁻¹ G S⁻¹`` split back, with ``G = [w; bᵀ]``."""
     return _split(a_inv @ _stack(w, b) @ s_inv)
+
+
+@jax.jit
+def _solve_layer(a, s, w, b, ridge):
+    """``(w, b) ↦ (Ā ⊗ S + ρ I)⁻¹ vec G`` split back: with ``Ā = Q_A diag(α) Q_Aᵀ`` and
+    ``S = Q_S diag(σ) Q_Sᵀ``, ``Q_A [(Q_Aᵀ G Q_S) ⊘ (α σᵀ + ρ)] Q_Sᵀ``."""
+    alpha, qa = jnp.linalg.eigh(a)
+    sigma, qs = jnp.linalg.eigh(s)
+    # Both factors are PSD by construction; clip rounding's negative eigenvalues at 0.
+    scale = jnp.maximum(alpha, 0)[:, None] * jnp.maximum(sigma, 0)[None, :] + ridge
+    return _split(qa @ ((qa.T @ _stack(w, b) @ qs) / scale) @ qs.T)
 
 
 # --------------------------------------------------------------------------- the curvature
@@ -459,6 +515,137 @@ def flax_dense_layers(params: PyTree) -> tuple:
     return tuple(layers)
 
 
+# --------------------------------------------------------------------------- factored samples
+# A dense layer's per-sample gradient is the outer product ``∂W_i = a_i δ_iᵀ``, ``∂b_i = δ_i``
+# (the K-FAC section above). ``vmap`` of the loss's gradient over batches of one materialises
+# ``B`` such ``[din, dout]`` blocks, and K-FAC then recovers ``a_i`` from them; the factors
+# themselves come from one batched forward pass (the layer inputs ``a``) and one backward pass
+# (``δ_i = B ∂L/∂s_i`` for a mean loss ``L = (1/B) Σ_i ℓ_i``, through a zero perturbation of
+# each layer's output ``s``), the same passes that give the minibatch gradient.
+
+
+class DenseLayerSamples(NamedTuple):
+    """Per-sample gradients of dense layers in factored form: sample ``i``'s gradient of
+    layer ``l`` is ``∂W = a_i δ_iᵀ``, ``∂b = δ_i`` (``a = inputs[l]``, ``δ = signals[l]``);
+    layers in the order of a :class:`KFACFisher` ``layers`` spec."""
+
+    inputs: tuple[jax.Array, ...]  # per layer float[B, din]: a_i, the layer's input
+    signals: tuple[jax.Array, ...]  # per layer float[B, dout]: δ_i = ∂ℓ_i/∂s_i at s = a W + b
+
+    def scale(self, s: jax.Array) -> DenseLayerSamples:
+        """Every sample's gradient times ``s_i`` (``s: [B]``): the signals are scaled."""
+        return DenseLayerSamples(self.inputs, tuple(d * s[:, None] for d in self.signals))
+
+
+def dense_layer_grads(samples: DenseLayerSamples, layers: tuple, params: PyTree) -> PyTree:
+    """The per-sample gradients ``params``-like with a leading batch axis: ``a_i δ_iᵀ`` for
+    each weight, ``δ_i`` for each bias of ``layers`` (which must cover every leaf)."""
+    blocks = {}
+    for (w, b), a, d in zip(layers, samples.inputs, samples.signals, strict=True):
+        blocks[_path(w)] = jnp.einsum("bi,bj->bij", a, d)
+        blocks[_path(b)] = d
+
+    def leaf(keys, _):
+        path = tuple(k.key for k in keys)
+        if path not in blocks:
+            raise ValueError(f"layers: the leaf {_name(path)!r} is in no dense layer")
+        return blocks[path]
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _flax_layer_index(module_path: tuple, keys: list[tuple]) -> int | None:
+    """The layer whose kernel lives at ``module_path`` (the variables' ``"params"``
+    collection or its content), or ``None``."""
+    n = len(module_path)
+    hits = [
+        i
+        for i, key in enumerate(keys)
+        if key[len(key) - n :] == module_path and key[: len(key) - n] in ((), ("params",))
+    ]
+    if len(hits) > 1:
+        raise ValueError(f"layers: the module at {module_path} matches layers {hits}")
+    return hits[0] if hits else None
+
+
+def flax_dense_samples(
+    loss: Callable, params: PyTree, layers: tuple, batch_size: int
+) -> tuple[PyTree, DenseLayerSamples]:
+    """``(∇L(params), DenseLayerSamples)`` from one forward and one backward pass: the
+    minibatch gradient and every sample's gradient of each dense layer in factored form.
+
+    Opt-in structure (what ``jax.vmap`` of per-sample gradients does not need): ``loss``
+    (``params -> scalar``) must be ``L = (1/B) Σ_i ℓ_i(params) + R(params)``, a mean over the
+    ``B = batch_size`` samples plus terms ``R`` without per-sample structure (a ridge), and
+    every layer of ``layers`` (``(kernel path, bias path)`` pairs, e.g.
+    :func:`flax_dense_layers`) a flax ``nn.Dense`` called exactly once, on a ``[B, din]``
+    input whose row ``i`` is sample ``i``'s alone (no batch statistics, no sequence axis).
+    Then ``δ_i = B ∂L/∂s_i`` (``s`` the layer's output) is ``∂ℓ_i/∂s_i``, and sample ``i``'s
+    gradient of ``ℓ_i`` is ``a_i δ_iᵀ``, ``δ_i``. ``R``'s gradient is in ``∇L`` but in no
+    sample's factors, whereas ``vmap`` of the loss on batches of one adds ``∇R`` to every
+    sample's gradient; otherwise the two agree up to rounding.
+
+    The layers are found with ``flax.linen.intercept_methods``: each ``nn.Dense`` call's
+    input is recorded and a zero perturbation added to its output, whose gradient is
+    ``∂L/∂s``. A structure that does not fit raises ``ValueError`` at trace time.
+    """
+    import flax.linen as nn  # lazily: plain-JAX users of this module do not need flax
+
+    keys = [_path(w)[:-1] if _path(w)[-1] == "kernel" else None for w, _ in layers]
+    if None in keys:
+        raise ValueError(
+            f"layers: flax_dense_samples needs flax nn.Dense layers, whose weight path ends "
+            f"in 'kernel'; got {layers}"
+        )
+
+    def traced(params, perturb):
+        """``loss`` with each layer's input recorded (and ``perturb[l]`` added to its output
+        unless ``perturb`` is ``None``): ``(value, inputs, output shapes)``."""
+        inputs, outputs = [None] * len(layers), [None] * len(layers)
+
+        def interceptor(next_fun, args, kwargs, context):
+            if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+                return next_fun(*args, **kwargs)
+            index = _flax_layer_index(tuple(context.module.scope.path), keys)
+            if index is None:  # a Dense outside `layers`: not this curvature's concern
+                return next_fun(*args, **kwargs)
+            if inputs[index] is not None:
+                raise ValueError(
+                    f"layers: the nn.Dense at {_name(keys[index])!r} is called more than once "
+                    "by the loss; factored per-sample gradients need one call per layer"
+                )
+            x = args[0] if args else kwargs["inputs"]
+            out = next_fun(*args, **kwargs)
+            inputs[index], outputs[index] = x, out
+            if perturb is not None:
+                out = out + perturb[index].astype(out.dtype)
+            return out
+
+        with nn.intercept_methods(interceptor):
+            value = loss(params)
+        return value, inputs, outputs
+
+    _, in_shapes, out_shapes = jax.eval_shape(lambda p: traced(p, None), params)
+    for key, x, s in zip(keys, in_shapes, out_shapes, strict=True):
+        if x is None:
+            raise ValueError(f"layers: the loss never calls the nn.Dense at {_name(key)!r}")
+        if len(x.shape) != 2 or x.shape[0] != batch_size or s.shape[:1] != (batch_size,):
+            raise ValueError(
+                f"layers: the nn.Dense at {_name(key)!r} sees input {x.shape} and output "
+                f"{s.shape}; factored per-sample gradients need [B, din] -> [B, dout] with "
+                f"B = {batch_size} (one row per sample)"
+            )
+    zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
+
+    def value(params, perturb):
+        value, inputs, _ = traced(params, perturb)
+        return value, tuple(inputs)
+
+    (grad, d_out), inputs = jax.grad(value, argnums=(0, 1), has_aux=True)(params, zeros)
+    signals = tuple(batch_size * d for d in d_out)
+    return grad, DenseLayerSamples(tuple(jax.lax.stop_gradient(inputs)), signals)
+
+
 @typed
 class KFACFisher(NamedTuple):
     """Block-diagonal K-FAC Fisher inverse over the dense layers of an MLP (see the K-FAC
@@ -471,16 +658,34 @@ class KFACFisher(NamedTuple):
     they must cover every leaf. ``average``: ``"ema"`` (factor ``β``) or ``"mean"`` (running
     mean, the prior counting as one update). ``damping``: prior ``F_0 = damping · I`` per
     block (each factor ``√damping · I``).
+
+    ``inverse``: ``"online"`` (default, the K-FAC section above): the state is ``(Ā⁻¹,
+    S⁻¹)``, updated by rank-``B`` Woodbury steps every inner step, ``O(B d² + B³)`` per
+    factor of dimension ``d`` (a ``d × d`` solve when ``B ≥ d``). ``"solve"``: the state is
+    the factors ``(Ā, S)`` themselves (:class:`KFACFactors`: the same batch estimates, no
+    prior; ``"mean"`` averages every update, ``"ema"`` is bias-corrected by ``1/(1−β^t)``
+    per factor), one ``O(B d²)`` product per factor per inner step, and :meth:`apply` is
+    ``(Ā ⊗ S + damping · I)⁻¹`` per layer block, exactly, from eigendecompositions of both
+    factors (``O(d³)`` once per hypergradient). There ``damping`` is a constant ridge, as
+    in ``DenseFisher(inverse="solve")``: set it to the inner loss's own ridge, which the
+    Hessian has and the gradients' Fisher lacks. It keeps no inverse that rounding can
+    make indefinite (the caveat above).
     """
 
     layers: tuple
     average: str = "ema"
     beta: float = 0.95
     damping: float = 1e-3
+    inverse: str = "online"
 
     @property
     def per_sample(self) -> bool:
         """Needs per-sample gradients (the rank-one structure recovers ``a_i`` and ``δ_i``)."""
+        return True
+
+    @property
+    def factored(self) -> bool:
+        """:meth:`update` also takes :class:`DenseLayerSamples` (in ``layers``' order)."""
         return True
 
     @property
@@ -492,6 +697,8 @@ class KFACFisher(NamedTuple):
     def _check_options(self) -> None:
         if self.average not in ("ema", "mean"):
             raise ValueError(f"average: expected 'ema' or 'mean', got {self.average!r}")
+        if self.inverse not in ("online", "solve"):
+            raise ValueError(f"inverse: expected 'online' or 'solve', got {self.inverse!r}")
         if self.average == "ema" and not 0.0 < self.beta < 1.0:
             raise ValueError(f"beta: expected 0 < beta < 1, got {self.beta}")
         if not self.damping > 0:
@@ -527,47 +734,83 @@ class KFACFisher(NamedTuple):
 
     # ---------------------------------------------------------------- protocol
 
-    def init(self, params: PyTree) -> KFACState:
-        """``Ā⁻¹_0 = I/√damping`` (``din+1``) and ``S⁻¹_0 = I/√damping`` (``dout``) per layer."""
+    def init(self, params: PyTree) -> KFACState | KFACFactors:
+        """``Ā⁻¹_0 = I/√damping`` (``din+1``) and ``S⁻¹_0 = I/√damping`` (``dout``) per layer;
+        ``inverse="solve"``: zero factors (:class:`KFACFactors`)."""
         self._check_options()
         self._check_layers(params)
         dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
         if not jnp.issubdtype(dtype, jnp.floating):
             dtype = jnp.result_type(float)
-        eye = lambda n: jnp.asarray(np.eye(n) / np.sqrt(self.damping), dtype)  # no compile
+        scale = 0.0 if self.inverse == "solve" else 1 / np.sqrt(self.damping)
+        eye = lambda n: jnp.asarray(np.eye(n) * scale, dtype)  # noqa: E731 -- no compile
         shapes = [jnp.shape(_at(params, wp)) for wp, _ in self._paths]
-        a_inv = [eye(din + 1) for din, _ in shapes]
-        s_inv = [eye(dout) for _, dout in shapes]
-        return KFACState(tuple(a_inv), tuple(s_inv), jnp.asarray(0, jnp.int32))
+        a_inv = tuple(eye(din + 1) for din, _ in shapes)
+        s_inv = tuple(eye(dout) for _, dout in shapes)
+        kind = KFACFactors if self.inverse == "solve" else KFACState
+        return kind(a_inv, s_inv, jnp.asarray(0, jnp.int32))
 
-    def update(self, state: KFACState, u: PyTree, per_sample_grads: PyTree) -> KFACState:
+    def update(self, state, u: PyTree, per_sample_grads: PyTree):
         """One batch: recover ``(ā_i, δ_i)`` per layer, update ``Ā⁻¹`` and ``S⁻¹`` (see the
-        K-FAC section above).
+        K-FAC section above; ``inverse="solve"``: ``Ā`` and ``S``).
 
         ``u`` (the scaled minibatch mean gradient) is unused; ``per_sample_grads`` is
-        params-like with a leading batch axis ``B``.
+        params-like with a leading batch axis ``B``, or :class:`DenseLayerSamples` (one
+        ``(a, δ)`` per layer, in ``layers``' order): the same update without the recovery
+        (equal to it up to rounding when every per-sample gradient is rank one).
         """
         del u
-        a_inv, s_inv = [], []
-        for (wp, bp), ai, si in zip(self._paths, state.a_inv, state.s_inv, strict=True):
-            dw, db = _at(per_sample_grads, wp), _at(per_sample_grads, bp)
-            if dw.ndim != 3 or db.ndim != 2 or dw.shape[::2] != db.shape:
-                raise ValueError(
-                    f"per_sample_grads: ({_name(wp)!r}, {_name(bp)!r}) expected [B, din, dout] "
-                    f"and [B, dout], got {dw.shape} and {db.shape}"
+        options = dict(mean=self.average == "mean", solve=self.inverse == "solve")
+        factored = isinstance(per_sample_grads, DenseLayerSamples)
+        if factored and (
+            len(per_sample_grads.inputs) != len(self.layers)
+            or len(per_sample_grads.signals) != len(self.layers)
+        ):
+            raise ValueError(
+                f"per_sample_grads: DenseLayerSamples with {len(per_sample_grads.inputs)} "
+                f"inputs and {len(per_sample_grads.signals)} signals for {len(self.layers)} "
+                "layers"
+            )
+        a_new, s_new = [], []
+        for i, ((wp, bp), ai, si) in enumerate(zip(self._paths, state[0], state[1], strict=True)):
+            if factored:
+                a, d = per_sample_grads.inputs[i], per_sample_grads.signals[i]
+                if a.ndim != 2 or d.ndim != 2 or a.shape[0] != d.shape[0]:
+                    raise ValueError(
+                        f"per_sample_grads: layer {_name(wp)!r} expected inputs [B, din] and "
+                        f"signals [B, dout], got {a.shape} and {d.shape}"
+                    )
+                new_a, new_s = _update_layer_factored(
+                    ai, si, a, d, state.count, self.beta, **options
                 )
-            mean = self.average == "mean"
-            new_a, new_s = _update_layer(ai, si, dw, db, state.count, self.beta, mean)
-            a_inv.append(new_a)
-            s_inv.append(new_s)
-        return KFACState(tuple(a_inv), tuple(s_inv), state.count + 1)
+            else:
+                dw, db = _at(per_sample_grads, wp), _at(per_sample_grads, bp)
+                if dw.ndim != 3 or db.ndim != 2 or dw.shape[::2] != db.shape:
+                    raise ValueError(
+                        f"per_sample_grads: ({_name(wp)!r}, {_name(bp)!r}) expected "
+                        f"[B, din, dout] and [B, dout], got {dw.shape} and {db.shape}"
+                    )
+                new_a, new_s = _update_layer(ai, si, dw, db, state.count, self.beta, **options)
+            a_new.append(new_a)
+            s_new.append(new_s)
+        return type(state)(tuple(a_new), tuple(s_new), state.count + 1)
 
-    def apply(self, state: KFACState, tree: PyTree) -> PyTree:
+    def apply(self, state, tree: PyTree) -> PyTree:
         """``A · tree`` with ``A = blockdiag(Ā⁻¹ ⊗ S⁻¹)``: per layer ``G ↦ Ā⁻¹ G S⁻¹`` with
-        ``G = [w-part; b-part as last row]``; the result has ``tree``'s structure."""
+        ``G = [w-part; b-part as last row]``; the result has ``tree``'s structure.
+        ``inverse="solve"``: ``A = blockdiag((Ā ⊗ S + damping · I)⁻¹)`` (EMA factors
+        bias-corrected)."""
         blocks = {}
-        for (wp, bp), ai, si in zip(self._paths, state.a_inv, state.s_inv, strict=True):
-            blocks[wp], blocks[bp] = _apply_layer(ai, si, _at(tree, wp), _at(tree, bp))
+        for (wp, bp), x, y in zip(self._paths, state[0], state[1], strict=True):
+            w, b = _at(tree, wp), _at(tree, bp)
+            if self.inverse == "solve":
+                if self.average == "ema":  # each factor's EMA started from 0
+                    weight = 1 - jnp.asarray(self.beta, x.dtype) ** state.count
+                    weight = jnp.where(state.count > 0, weight, 1)
+                    x, y = x / weight, y / weight
+                blocks[wp], blocks[bp] = _solve_layer(x, y, w, b, self.damping)
+            else:
+                blocks[wp], blocks[bp] = _apply_layer(x, y, w, b)
         return jax.tree_util.tree_map_with_path(
             lambda keys, _: blocks[tuple(k.key for k in keys)], tree
         )

@@ -62,3 +62,34 @@ def test_population_benchmark_quick(tmp_path):
         assert row["replaced"] >= 1  # fraction raised to 1/K where 0.2 K < 1
         # the vmapped population and the loop compute the same interval (float32)
         assert row["rel_diff_loop_vs_vmapped"] < 1e-4
+
+
+@pytest.mark.slow
+def test_nhgd_scaling_benchmark_quick(tmp_path):
+    result = _run_quick("nhgd_scaling", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "nhgd_scaling.json").read_text())
+    assert (tmp_path / "nhgd_scaling.md").read_text().startswith("# NHGD scaling")
+    assert (tmp_path / "nhgd_scaling.png").stat().st_size > 0
+    rows = data["rows"]
+    assert {(r["width"], r["kappa"]) for r in rows} == {
+        (16, 1.0),
+        (16, 100.0),
+        (32, 1.0),
+        (32, 100.0),
+    }
+    for row in rows:
+        assert row["params"] == row["width"] * (row["width"] + 1)
+        methods = {r["method"] for r in row["results"]}
+        assert {"nhgd_kfac", "nhgd_kfac_online", "nhgd_kfac_vmap", "cg", "cg_full"} <= methods
+        assert {"neumann", "stocbio", "nhgd_dense"} <= methods  # |θ| <= 2000: dense too
+        for r in row["results"]:
+            assert all(-1.0 <= c <= 1.0 for c in r["cosines"]), r
+            assert -1.0 <= r["cosine"] <= 1.0 and r["time_s"] > 0
+            assert r["theta_rel_diff"] < 1e-3  # every method ran the same inner trajectory
+        assert set(row["targets"]) == {"0.9", "0.99"}
+        for t in row["targets"].values():
+            assert t["verdict"] in {
+                "nhgd faster", "baseline faster", "only nhgd", "only baselines", "neither"
+            }  # fmt: skip
+            assert (t["ratio"] is None) == (t["verdict"] not in {"nhgd faster", "baseline faster"})

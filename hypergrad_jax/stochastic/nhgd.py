@@ -17,7 +17,12 @@ import jax.numpy as jnp
 
 from hypergrad_jax import parallel
 from hypergrad_jax.data import batch_at
-from hypergrad_jax.fisher import DenseFisher
+from hypergrad_jax.fisher import (
+    DenseFisher,
+    dense_layer_grads,
+    flax_dense_layers,
+    flax_dense_samples,
+)
 from hypergrad_jax.problem import init_state, optimizer_update
 from hypergrad_jax.static import typed
 from hypergrad_jax.stochastic.common import (
@@ -82,15 +87,34 @@ class NHGD(NamedTuple):
         (the paper's parallel implementation; needs two devices): same numbers as the fused
         loop, per-step critical path ``max(gradient, Fisher update) + transfer`` instead of
         their sum. See :func:`_parallel_inner_loop`.
+      per_sample_grads: how the per-sample Fishers get their per-sample gradients.
+        ``"vmap"`` (default, any inner loss that is a mean over the batch): ``jax.vmap`` of
+        the loss's gradient on batches of one. ``"flax_dense"`` (opt-in, for models made of
+        flax ``nn.Dense`` layers): one forward and one backward pass give the minibatch
+        gradient and every sample's dense-layer gradient in factored form ``a_i δ_iᵀ``
+        (:func:`hypergrad_jax.fisher.flax_dense_samples`, whose docstring states what the
+        loss must satisfy); :class:`~hypergrad_jax.fisher.KFACFisher` uses the factors
+        directly (no ``[B, din, dout]`` per-sample blocks, no recovery of ``a_i``), other
+        curvatures get the outer products. Every leaf of ``params`` must be a dense layer's
+        kernel or bias (``KFACFisher.layers``, else :func:`~hypergrad_jax.fisher.
+        flax_dense_layers`). Same numbers as ``"vmap"`` up to rounding, except that terms of
+        the loss without per-sample structure (a ridge) are in no sample's gradient, where
+        ``"vmap"`` adds their gradient to every sample's.
     """
 
     fisher: Any = DenseFisher()
     reset: bool = False
     sample_weights: Callable | None = None
     parallel: bool = False
+    per_sample_grads: str = "vmap"
 
     def init(self, params, hparams):
         del hparams
+        if self.per_sample_grads not in ("vmap", "flax_dense"):
+            raise ValueError(
+                "NHGD.per_sample_grads: expected 'vmap' or 'flax_dense', got "
+                f"{self.per_sample_grads!r}"
+            )
         if self.sample_weights is not None and not self.fisher.per_sample:
             raise ValueError(
                 "NHGD.sample_weights: needs per-sample Fisher updates (e.g. "
@@ -108,7 +132,9 @@ class NHGD(NamedTuple):
     def samples(self, problem, hparams, params, batch):
         """One inner step's gradient and its Fisher samples ``(u = √B ḡ, per-sample)``."""
         per = None
-        if self.fisher.per_sample:
+        if self.fisher.per_sample and self.per_sample_grads == "flax_dense":
+            grad, per = self._factored_samples(problem, params, hparams, batch)
+        elif self.fisher.per_sample:
             per = _per_sample_grads(problem, params, hparams, batch)
             grad = jax.tree.map(lambda x: jnp.mean(x, axis=0), per)
             if self.sample_weights is not None:
@@ -119,6 +145,19 @@ class NHGD(NamedTuple):
             grad = jax.grad(problem.inner_loss)(params, hparams, batch)
         u = jax.tree.map(lambda g: g * math.sqrt(_batch_size(batch)), grad)
         return grad, (u, per)
+
+    def _factored_samples(self, problem, params, hparams, batch):
+        """``per_sample_grads="flax_dense"``: the minibatch gradient and the per-sample
+        gradients as :class:`~hypergrad_jax.fisher.DenseLayerSamples` (for a ``factored``
+        curvature) or their outer products (any other), weighted like ``"vmap"``'s."""
+        factored = getattr(self.fisher, "factored", False)
+        layers = self.fisher.layers if factored else flax_dense_layers(params)
+        loss = lambda p: problem.inner_loss(p, hparams, batch)  # noqa: E731
+        grad, per = flax_dense_samples(loss, params, layers, _batch_size(batch))
+        if self.sample_weights is not None:
+            w = self.sample_weights(hparams, batch)
+            per = per.scale(jax.lax.rsqrt(jnp.maximum(w, SAMPLE_WEIGHT_FLOOR)))
+        return grad, (per if factored else dense_layer_grads(per, layers, params))
 
     def inner_loop(self, problem, run, hparams, params, fisher, inner_data, key):
         """``run``'s inner loop from ``params`` with the Fisher updates of every step:
