@@ -329,11 +329,14 @@ def markdown(info: dict, rows: list[dict], imp: dict, elapsed: float, quick: boo
         "decay), float32.",
         "",
         "Time: median seconds per call of the jitted function, compilation excluded (one "
-        "warm-up call first); `x plain` divides by a plain training run of the same T "
+        "warm-up call first; the calls of one T interleaved, one round calling every function "
+        "once, so a change in the machine's load falls on all alike); `x plain` divides by "
+        "a plain training run of the same T "
         "(`hg.solve(..., Unrolled(), ...)` jitted, not differentiated). Memory: XLA's compiled "
         "memory analysis of the jitted function (`.lower(...).compile().memory_analysis()`), "
         "i.e. the buffers XLA plans statically, not a measured process RSS: *temp* is "
-        "`temp_size_in_bytes` (scratch, including what reverse mode stores per step); "
+        "`temp_size_in_bytes` (scratch, including what reverse mode stores per step: each "
+        "step's carry, parameters and momentum, since every step is rematerialised); "
         "*total* is arguments + outputs + temp (the arguments include the data: train "
         "0.25 MiB, and validation 0.1 MiB except in the plain run, which does not use it). "
         "`rel diff` is max|g - g_Unrolled| / max|g_Unrolled| "
