@@ -214,6 +214,20 @@ def _saga(table: Table, index, position, new, count):
     return estimate, Table(rows, optax.tree.add_scale(mean, 1.0 / count, delta))
 
 
+def _start_step(method, run, state, hparams, inner_data, outer_data, key):
+    """What SABA's and SRBA's steps begin with: the checked one-step inner run, the two
+    checked finite sums, and this step's inner and outer blocks ``(block, position in the
+    epoch, the epoch's order)``."""
+    inner_run = single_loop_state(method, run, hparams, state.params)
+    inner, outer = _finite_sums(method)
+    inner.check_data(method, inner_data)
+    outer.check_data(method, outer_data)
+    k_inner, _, k_outer = split_keys(key)
+    drawn_inner = inner.draw(state.method.inner_order, state.step, k_inner)
+    drawn_outer = outer.draw(state.method.outer_order, state.step, k_outer)
+    return inner_run, (inner, outer), (drawn_inner, drawn_outer)
+
+
 @typed
 class SABA(NamedTuple):
     """SABA, the Stochastic Average Bilevel Algorithm (Dagréou, Ablin, Vaiter, Moreau,
@@ -266,15 +280,10 @@ class SABA(NamedTuple):
         return start_state(params, memory)
 
     def step(self, problem, run, state, hparams, inner_data, outer_data, key):
-        inner_run = single_loop_state(self, run, hparams, state.params)
-        inner, outer = _finite_sums(self)
-        inner.check_data(self, inner_data)
-        outer.check_data(self, outer_data)
-        k_inner, _, k_outer = split_keys(key)
-        memory = state.method
-        i, i_pos, inner_order = inner.draw(memory.inner_order, state.step, k_inner)
-        j, j_pos, outer_order = outer.draw(memory.outer_order, state.step, k_outer)
-        params, v = state.params, state.adjoint
+        inner_run, (inner, outer), drawn = _start_step(self, run, state, hparams, inner_data,
+                                                       outer_data, key)  # fmt: skip
+        (i, i_pos, inner_order), (j, j_pos, outer_order) = drawn
+        memory, params, v = state.method, state.params, state.adjoint
 
         new_inner = _inner_oracles(problem, params, hparams, v, inner.block(inner_data, i))
         value, new_outer = _outer_oracles(problem, params, hparams, outer.block(outer_data, j))
@@ -362,15 +371,10 @@ class SRBA(NamedTuple):
         return start_state(params, memory)
 
     def step(self, problem, run, state, hparams, inner_data, outer_data, key):
-        inner_run = single_loop_state(self, run, hparams, state.params)
-        inner, outer = _finite_sums(self)
-        inner.check_data(self, inner_data)
-        outer.check_data(self, outer_data)
-        k_inner, _, k_outer = split_keys(key)
-        memory = state.method
-        i, _, inner_order = inner.draw(memory.inner_order, state.step, k_inner)
-        j, _, outer_order = outer.draw(memory.outer_order, state.step, k_outer)
-        params, v = state.params, state.adjoint
+        inner_run, (inner, outer), drawn = _start_step(self, run, state, hparams, inner_data,
+                                                       outer_data, key)  # fmt: skip
+        (i, _, inner_order), (j, _, outer_order) = drawn
+        memory, params, v = state.method, state.params, state.adjoint
         restart = state.step % self.period == 0
 
         def at(p, v, h, inner_batch, outer_batch):
