@@ -184,7 +184,49 @@ def cg_iterations(hess, b, inverse=None, maxiter=5000) -> int:
     return k
 
 
-def preconditioning_bounds(hess, b) -> dict:
+def layer_blocks(theta) -> list[np.ndarray]:
+    """Indices into the flat parameters of each top-level entry of ``theta`` (a layer)."""
+    idx = ravel_pytree(jax.tree.map(lambda x: jnp.zeros(jnp.shape(x)), theta))[1]
+    flat = idx(jnp.arange(sum(x.size for x in jax.tree.leaves(theta))))
+    return [
+        np.concatenate([np.ravel(x) for x in jax.tree.leaves(v)]).astype(np.int64)
+        for v in flat.values()
+    ]
+
+
+def mlp_kfac(theta, h, train) -> np.ndarray:
+    """K-FAC of the MLP's Gauss-Newton matrix (per layer ``A ⊗ S``: input second moments,
+    softmax-curvature of the pre-activations), plus each layer's exact L2 term and the
+    ridge, as a dense float64 matrix in the flat parameter order."""
+    t = jax.tree.map(lambda x: np.asarray(x, np.float64), theta)
+    x = np.asarray(train["x"], np.float64)
+    w0, b0, w1, b1 = (t[k][n] for k in estimators.LAYERS for n in ("kernel", "bias"))
+    hid = np.tanh(x @ w0 + b0)
+    logits = hid @ w1 + b1
+    prob = np.exp(logits - logits.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    lam = prob[:, :, None] * np.eye(10) - prob[:, :, None] * prob[:, None, :]
+    jac = (1 - hid**2)[:, :, None] * w1  # d logits / d hidden pre-activations
+    factors = {  # layer: (A over inputs with a bias 1, S over outputs)
+        estimators.LAYERS[0]: (
+            np.c_[x, np.ones(len(x))],
+            np.einsum("ijk,ikl,iml->jm", jac, lam, jac),
+        ),
+        estimators.LAYERS[1]: (np.c_[hid, np.ones(len(x))], lam.sum(0)),
+    }
+    size = sum(v.size for v in jax.tree.leaves(theta))
+    flat = ravel_pytree(theta)[1](jnp.arange(size))
+    m = np.zeros((size, size))
+    for layer, (a, s_sum) in factors.items():
+        order = np.concatenate([np.ravel(flat[layer][n]) for n in ("kernel", "bias")])
+        order = order.astype(np.int64)
+        l2 = float(np.exp(h["log_l2"][layer]))
+        block = np.kron(a.T @ a / len(a), s_sum / len(a)) + (l2 + RIDGE) * np.eye(order.size)
+        m[np.ix_(order, order)] = block
+    return m
+
+
+def preconditioning_bounds(hess, b, blocks, kfac=None) -> dict:
     """What the best preconditioners of their kind could do on this system (float64, dense):
     the exact diagonal (Jacobi, the limit of Hutchinson's estimate) and the exact
     eigenvectors of the k smallest eigenvalues mapped onto the (k+1)-th (the limit of
@@ -196,6 +238,14 @@ def preconditioning_bounds(hess, b) -> dict:
         u, shift = vecs[:, :k], eig[k] / eig[:k] - 1
         deflate = lambda r, u=u, c=shift: r + u @ (c * (u.T @ r))  # noqa: E731
         out[f"deflate_{k}"] = cg_iterations(hess, b, deflate)
+    exact_blocks = np.zeros_like(hess)
+    for order in blocks:
+        exact_blocks[np.ix_(order, order)] = hess[np.ix_(order, order)]
+    inverse = np.linalg.inv(exact_blocks)
+    out["layer_blocks"] = cg_iterations(hess, b, lambda r: inverse @ r)
+    if kfac is not None:
+        inverse_kfac = np.linalg.inv(kfac)
+        out["kfac"] = cg_iterations(hess, b, lambda r: inverse_kfac @ r)
     return out
 
 
@@ -207,7 +257,7 @@ def rel_err(g, ref) -> float:
 SOLVERS = ("jaxopt", "ours cold", "ours warm", "ours warm + Hutchinson")
 
 
-def bench_problem(make, inner_steps, steps, outer_lr, repeats, ref_every) -> dict:
+def bench_problem(make, inner_steps, steps, outer_lr, repeats, ref_every, with_kfac):
     from jaxopt.linear_solve import solve_cg
 
     name, problem, run, hparams, params0, train, val = make(inner_steps)
@@ -262,7 +312,8 @@ def bench_problem(make, inner_steps, steps, outer_lr, repeats, ref_every) -> dic
         if i % ref_every == 0 or i == len(traj) - 1:
             ref, hess, b64 = dense_reference(problem, train, val, theta, h)
             if i == len(traj) - 1:
-                bounds = preconditioning_bounds(hess, b64)
+                kfac = mlp_kfac(theta, h, train) if with_kfac else None
+                bounds = preconditioning_bounds(hess, b64, layer_blocks(theta), kfac)
             for k in fns:
                 v = outs[k] if k == "jaxopt" else outs[k][0]
                 errors[k].append(rel_err(hypergradient(theta, h, v), ref))
@@ -344,7 +395,14 @@ def markdown(info: dict, rows: list[dict], elapsed: float, quick: bool) -> str:
             f"diagonal (Jacobi, what Hutchinson's estimate tends to) {bd['exact_jacobi']}, the "
             f"exact eigenvectors of the 10 / 20 / 50 smallest eigenvalues deflated (what "
             f"recycling Ritz vectors tends to) {bd['deflate_10']} / {bd['deflate_20']} / "
-            f"{bd['deflate_50']}.",
+            f"{bd['deflate_50']}, the exact Hessian's per-layer blocks (|θ| matvecs to build) "
+            f"{bd['layer_blocks']}"
+            + (
+                f", K-FAC of the Gauss-Newton matrix with the exact L2 terms {bd['kfac']}"
+                if "kfac" in bd
+                else ""
+            )
+            + ".",
             "",
         ]
     return "\n".join(lines) + "\n"
@@ -364,7 +422,7 @@ def main() -> None:
     info = machine()
     steps, repeats, ref_every = (5, 1, 2) if args.quick else (50, 3, 5)
     rows = [
-        bench_problem(make, inner, steps, lr, repeats, ref_every)
+        bench_problem(make, inner, steps, lr, repeats, ref_every, with_kfac=name == "mlp")
         for name, (make, inner, lr) in PROBLEMS.items()
         if args.only in (None, name)
     ]

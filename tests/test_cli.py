@@ -132,6 +132,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~50 s (three processes compile): tests/test_parallel.py runs two processes
 def test_two_process_run_matches_single_process(tmp_path, env):
     # The same data-parallel run over 4 CPU devices: one process with 4, then two processes
     # with 2 each (jax.distributed on 127.0.0.1, gloo collectives). The compiled programs

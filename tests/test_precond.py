@@ -55,9 +55,10 @@ def test_the_diagonal_estimate_sharpens_across_solves(getkey):
     a = scaled_spd(getkey(), 40, 3)
     b = jax.random.normal(getkey(), (40,))
     cg = hg.CG(maxiter=500, tol=1e-10, precond=Hutchinson(probes=2, memory=0.9))
-    warm, errors = None, []
+    solve = jax.jit(lambda warm: cg(lambda v: a @ v, b, warm)[1])
+    warm, errors = hg.linalg.initial_warm(cg, b), []
     for _ in range(12):
-        _, info = cg(lambda v: a @ v, b, warm)
+        info = solve(warm)
         warm = info.warm._replace(x=jnp.zeros_like(b))  # reuse only the preconditioner
         d = warm.precond.total / warm.precond.count
         errors.append(float(jnp.max(jnp.abs(d - jnp.diag(a)) / jnp.diag(a))))
